@@ -1,0 +1,204 @@
+"""Validation of the public arguments and their normalisation into token rows.
+
+Every public entry point goes through :func:`prepare_rows`, so bad input gets one clear error here and the
+backends only ever see well-formed, flat token rows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+_value_checks = True
+
+
+def set_value_checks(enabled: bool) -> None:
+    """Turn the data-dependent checks (label range, target range, ``cu_seqlens`` contents) on or off.
+
+    They read tensor values, which costs one host synchronisation per call on CUDA. They are on by default;
+    a training loop that has validated its data may turn them off to keep the op fully asynchronous.
+    """
+    global _value_checks
+    _value_checks = bool(enabled)
+
+
+def value_checks_enabled() -> bool:
+    """Whether the data-dependent checks run (see :func:`set_value_checks`)."""
+    return _value_checks
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """The op's input, flattened to one row per token position.
+
+    hidden:   [N, H] float, the hidden state of every position (a view of the caller's tensor where possible).
+    targets:  [N] int64, the vocabulary id the row's logits score, or -1 where the row scores nothing
+              (ignored label, last position of a sequence under ``shift=True``).
+    seq_ids:  [N] int64, the sequence (0..B-1) each row belongs to.
+    num_seqs: B.
+    """
+
+    hidden: Tensor
+    targets: Tensor
+    seq_ids: Tensor
+    num_seqs: int
+
+
+def check_options(*, softcap: float | None, temperature: float, eta: float | None = None) -> None:
+    """Reject non-positive or non-finite scalar options."""
+    named = {"temperature": temperature, "softcap": softcap, "eta": eta}
+    for name, value in named.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def _check_tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def prepare_rows(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None,
+    cu_seqlens: Tensor | None,
+    ignore_index: int,
+    shift: bool,
+) -> TokenRows:
+    """Validate the lm-head inputs and flatten them into :class:`TokenRows`.
+
+    Padded layout: hidden [B, T, H], labels [B, T]. Packed layout: hidden [N, H], labels [N], cu_seqlens [B+1].
+    """
+    hidden = _check_tensor("hidden", hidden)
+    weight = _check_tensor("weight", weight)
+    labels = _check_tensor("labels", labels)
+    if not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating-point tensor, got {hidden.dtype}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"hidden dtype {hidden.dtype} is not supported; use one of {FLOAT_DTYPES}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [V, H], got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    vocab, width = weight.shape
+    if vocab == 0 or width == 0:
+        raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+    if hidden.shape[-1] != width:
+        raise ValueError(f"hidden size {hidden.shape[-1]} does not match weight's {width} (weight is [V, H])")
+    if bias is not None:
+        bias = _check_tensor("bias", bias)
+        if bias.shape != (vocab,):
+            raise ValueError(f"bias must be [V] = [{vocab}], got shape {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be int64 (or int32), got {labels.dtype}")
+    if labels.device != hidden.device:
+        raise ValueError(f"labels are on {labels.device} but hidden is on {hidden.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    labels = labels.long()
+
+    if cu_seqlens is None:
+        rows = _padded_rows(hidden, labels, ignore_index=ignore_index, shift=shift)
+    else:
+        rows = _packed_rows(hidden, labels, cu_seqlens, ignore_index=ignore_index, shift=shift)
+    if value_checks_enabled():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            found = int(labels[bad].reshape(-1)[0])
+            raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {found}")
+
+    if cu_seqlens is None:
+        return _padded_rows(hidden, labels, ignore_index=ignore_index, shift=shift)
+    return _packed_rows(hidden, labels, cu_seqlens, ignore_index=ignore_index, shift=shift)
+
+
+def _padded_rows(hidden: Tensor, labels: Tensor, *, ignore_index: int, shift: bool) -> TokenRows:
+    if hidden.dim() != 3:
+        raise ValueError(
+            f"without cu_seqlens hidden must be padded [B, T, H], got shape {tuple(hidden.shape)} "
+            "(pass cu_seqlens for the packed [N, H] layout)"
+        )
+    batch, length, width = hidden.shape
+    if labels.shape != (batch, length):
+        raise ValueError(f"labels must be [B, T] = [{batch}, {length}], got shape {tuple(labels.shape)}")
+    if batch == 0:
+        raise ValueError("empty batch: hidden has B = 0 sequences")
+    if length == 0:
+        raise ValueError("empty batch: hidden has T = 0 positions")
+    if shift:
+        labels = torch.cat([labels[:, 1:], labels.new_full((batch, 1), ignore_index)], dim=1)
+    targets = torch.where(labels == ignore_index, -1, labels).reshape(-1)
+    seq_ids = torch.arange(batch, device=hidden.device).repeat_interleave(length)
+    return TokenRows(hidden.reshape(batch * length, width), targets, seq_ids, batch)
+
+
+def _packed_rows(
+    hidden: Tensor, labels: Tensor, cu_seqlens: Tensor, *, ignore_index: int, shift: bool
+) -> TokenRows:
+    cu_seqlens = _check_tensor("cu_seqlens", cu_seqlens)
+    if hidden.dim() != 2:
+        raise ValueError(f"with cu_seqlens hidden must be packed [N, H], got shape {tuple(hidden.shape)}")
+    total = hidden.shape[0]
+    if labels.shape != (total,):
+        raise ValueError(f"labels must be [N] = [{total}] in the packed layout, got shape {tuple(labels.shape)}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be [B+1] with B >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != hidden.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but hidden is on {hidden.device}")
+    if total == 0:
+        raise ValueError("empty batch: hidden has N = 0 tokens")
+    cu_seqlens = cu_seqlens.long()
+    if value_checks_enabled():
+        if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
+            raise ValueError(
+                f"cu_seqlens must start at 0 and end at N = {total}, got {cu_seqlens[0].item()}..{cu_seqlens[-1].item()}"
+            )
+        if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+            raise ValueError("cu_seqlens must be non-decreasing")
+    batch = cu_seqlens.numel() - 1
+    positions = torch.arange(total, device=hidden.device)
+    seq_ids = torch.searchsorted(cu_seqlens[1:], positions, right=True).clamp_(max=batch - 1)
+    if shift:
+        is_last = positions + 1 == cu_seqlens[1:][seq_ids]
+        labels = torch.cat([labels[1:], labels.new_full((1,), ignore_index)])
+        labels = torch.where(is_last, ignore_index, labels)
+    targets = torch.where(labels == ignore_index, -1, labels)
+    return TokenRows(hidden, targets, seq_ids, batch)
+
+
+def check_sequence_values(name: str, value: Tensor, rows: TokenRows, *, probability: bool) -> Tensor:
+    """Validate a per-sequence tensor ([B], on the hidden's device) and return it as float32."""
+    value = _check_tensor(name, value)
+    if value.shape != (rows.num_seqs,):
+        raise ValueError(f"{name} must be [B] = [{rows.num_seqs}], got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.device != rows.hidden.device:
+        raise ValueError(f"{name} is on {value.device} but hidden is on {rows.hidden.device}")
+    value = value.detach().float()
+    if value_checks_enabled():
+        if probability and bool(((value < 0) | (value > 1) | value.isnan()).any()):
+            raise ValueError(f"{name} must lie in [0, 1] with no NaN")
+        if not probability and not bool(value.isfinite().all()):
+            raise ValueError(f"{name} must be finite (no NaN or Inf)")
+    return value
