@@ -25,12 +25,21 @@ def _logprobs(
     shift: bool,
     backend: str,
 ) -> tuple[Tensor, TokenRows]:
-    rows = prepare_rows(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index, shift=shift)
+    rows = prepare_rows(
+        hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index, shift=shift
+    )
     chosen = resolve_backend(backend, hidden.device)
     if chosen == "torch":
         logps = reference_sequence_logprobs(
-            hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
-            softcap=softcap, temperature=temperature, shift=shift,
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            cu_seqlens=cu_seqlens,
+            ignore_index=ignore_index,
+            softcap=softcap,
+            temperature=temperature,
+            shift=shift,
         )
     else:
         logps = fused_sequence_logprobs(chosen, rows, weight, bias, softcap, temperature)
@@ -59,8 +68,16 @@ def sequence_logprobs(
     """
     check_options(softcap=softcap, temperature=temperature)
     logps, _ = _logprobs(
-        hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
-        softcap=softcap, temperature=temperature, shift=shift, backend=backend,
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        cu_seqlens=cu_seqlens,
+        ignore_index=ignore_index,
+        softcap=softcap,
+        temperature=temperature,
+        shift=shift,
+        backend=backend,
     )
     return logps
 
@@ -93,8 +110,16 @@ def sppo_loss(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     logps, rows = _logprobs(
-        hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
-        softcap=softcap, temperature=temperature, shift=shift, backend=backend,
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        cu_seqlens=cu_seqlens,
+        ignore_index=ignore_index,
+        softcap=softcap,
+        temperature=temperature,
+        shift=shift,
+        backend=backend,
     )
     ref = check_sequence_values("ref_logps", ref_logps, rows, probability=False).to(logps.dtype)
     probs = check_sequence_values("target_probs", target_probs, rows, probability=True).to(logps.dtype)
@@ -136,9 +161,20 @@ class SPPOLoss(torch.nn.Module):
     ) -> Tensor:
         """See :func:`sppo_loss`; returns the reduced loss."""
         return sppo_loss(
-            hidden, weight, labels, ref_logps, target_probs, eta=self.eta, bias=bias, cu_seqlens=cu_seqlens,
-            ignore_index=self.ignore_index, softcap=self.softcap, temperature=self.temperature, shift=self.shift,
-            reduction=self.reduction, backend=self.backend,
+            hidden,
+            weight,
+            labels,
+            ref_logps,
+            target_probs,
+            eta=self.eta,
+            bias=bias,
+            cu_seqlens=cu_seqlens,
+            ignore_index=self.ignore_index,
+            softcap=self.softcap,
+            temperature=self.temperature,
+            shift=self.shift,
+            reduction=self.reduction,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:

@@ -124,10 +124,7 @@ def prepare_rows(
         if bool(bad.any()):
             found = int(labels[bad].reshape(-1)[0])
             raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {found}")
-
-    if cu_seqlens is None:
-        return _padded_rows(hidden, labels, ignore_index=ignore_index, shift=shift)
-    return _packed_rows(hidden, labels, cu_seqlens, ignore_index=ignore_index, shift=shift)
+    return rows
 
 
 def _padded_rows(hidden: Tensor, labels: Tensor, *, ignore_index: int, shift: bool) -> TokenRows:
@@ -150,9 +147,7 @@ def _padded_rows(hidden: Tensor, labels: Tensor, *, ignore_index: int, shift: bo
     return TokenRows(hidden.reshape(batch * length, width), targets, seq_ids, batch)
 
 
-def _packed_rows(
-    hidden: Tensor, labels: Tensor, cu_seqlens: Tensor, *, ignore_index: int, shift: bool
-) -> TokenRows:
+def _packed_rows(hidden: Tensor, labels: Tensor, cu_seqlens: Tensor, *, ignore_index: int, shift: bool) -> TokenRows:
     cu_seqlens = _check_tensor("cu_seqlens", cu_seqlens)
     if hidden.dim() != 2:
         raise ValueError(f"with cu_seqlens hidden must be packed [N, H], got shape {tuple(hidden.shape)}")
@@ -171,7 +166,7 @@ def _packed_rows(
     if value_checks_enabled():
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
             raise ValueError(
-                f"cu_seqlens must start at 0 and end at N = {total}, got {cu_seqlens[0].item()}..{cu_seqlens[-1].item()}"
+                f"cu_seqlens must start at 0 and end at N = {total}, got {int(cu_seqlens[0])}..{int(cu_seqlens[-1])}"
             )
         if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
             raise ValueError("cu_seqlens must be non-decreasing")

@@ -6,6 +6,8 @@ when the inputs are float64 and in float32 otherwise, and reads the labels strai
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -39,7 +41,7 @@ def reference_sequence_logprobs(
         pieces = list(zip(hidden.unbind(0), labels.unbind(0), strict=True))
     else:
         bounds = cu_seqlens.tolist()
-        pieces = [(hidden[a:b], labels[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        pieces = [(hidden[a:b], labels[a:b]) for a, b in itertools.pairwise(bounds)]
     w = weight.to(compute)
     b = None if bias is None else bias.to(compute)
     out = []
