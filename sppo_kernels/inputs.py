@@ -182,7 +182,7 @@ def _packed_rows(hidden: Tensor, labels: Tensor, cu_seqlens: Tensor, *, ignore_i
 
 
 def check_sequence_values(name: str, value: Tensor, rows: TokenRows, *, probability: bool) -> Tensor:
-    """Validate a per-sequence tensor ([B], on the hidden's device) and return it as float32."""
+    """Validate a per-sequence tensor ([B], floating, on the hidden's device) and return it detached."""
     value = _check_tensor(name, value)
     if value.shape != (rows.num_seqs,):
         raise ValueError(f"{name} must be [B] = [{rows.num_seqs}], got shape {tuple(value.shape)}")
@@ -190,7 +190,7 @@ def check_sequence_values(name: str, value: Tensor, rows: TokenRows, *, probabil
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
     if value.device != rows.hidden.device:
         raise ValueError(f"{name} is on {value.device} but hidden is on {rows.hidden.device}")
-    value = value.detach().float()
+    value = value.detach()
     if value_checks_enabled():
         if probability and bool(((value < 0) | (value > 1) | value.isnan()).any()):
             raise ValueError(f"{name} must lie in [0, 1] with no NaN")

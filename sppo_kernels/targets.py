@@ -24,7 +24,7 @@ PAIR_LOSS_TYPES = ("sppo", "sppo_single", "sppo_hard")
 
 
 class PairTargets(NamedTuple):
-    """target_probs [2P] float32 in chosen-then-rejected order, and the factor for the mean loss."""
+    """target_probs [2P] (dtype of the inputs) in chosen-then-rejected order, and the factor for the mean loss."""
 
     target_probs: Tensor
     loss_scale: float
@@ -48,11 +48,11 @@ def pair_targets(
             raise ValueError("loss_type='sppo' needs p_win and p_lose")
         if p_win.shape != p_lose.shape or p_win.dim() != 1:
             raise ValueError(f"p_win and p_lose must both be [P], got {tuple(p_win.shape)} and {tuple(p_lose.shape)}")
-        return PairTargets(torch.cat([p_win, p_lose]).float(), 1.0)
+        return PairTargets(torch.cat([p_win, p_lose]), 1.0)
     if loss_type == "sppo_single":
         if p_chosen_beats_rejected is None or p_chosen_beats_rejected.dim() != 1:
             raise ValueError("loss_type='sppo_single' needs p_chosen_beats_rejected of shape [P]")
-        p = p_chosen_beats_rejected.float()
+        p = p_chosen_beats_rejected
         return PairTargets(torch.cat([p, 1 - p]), 1.0)
     if loss_type == "sppo_hard":
         like = next((t for t in (p_win, p_lose, p_chosen_beats_rejected) if t is not None), None)

@@ -1,0 +1,67 @@
+"""Shared device functions: one [BLOCK_N, BLOCK_V] tile of transformed logits, recomputed from H and W."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tanh(x):
+    """tanh from exp only (no libdevice, so it also runs in the interpreter); exact to ~1e-7 in fp32."""
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def logit_tile(
+    hidden_ptr,
+    weight_ptr,
+    bias_ptr,
+    rows,
+    row_mask,
+    offs_v,
+    col_mask,
+    H,
+    stride_hn,
+    stride_hh,
+    stride_wv,
+    stride_wh,
+    softcap,
+    inv_temperature,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Logits z = softcap(h·Wᵀ + b)·inv_temperature of a tile, float32 [BLOCK_N, BLOCK_V].
+
+    rows: [BLOCK_N] int64 hidden-row indices; offs_v: [BLOCK_V] vocabulary ids. Also returns dz/da, the factor
+    that carries a logit gradient back through the soft-cap and temperature (a = h·Wᵀ + b).
+    """
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    h_ptrs = hidden_ptr + rows[:, None] * stride_hn + offs_k[None, :] * stride_hh
+    w_ptrs = weight_ptr + offs_v[None, :].to(tl.int64) * stride_wv + offs_k[:, None] * stride_wh
+    for k in range(0, tl.cdiv(H, BLOCK_K)):
+        k_mask = offs_k < H - k * BLOCK_K
+        h = tl.load(h_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+        if UPCAST_DOT:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+        h_ptrs += BLOCK_K * stride_hh
+        w_ptrs += BLOCK_K * stride_wh
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_v, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        t = tanh(acc / softcap)
+        z = t * (softcap * inv_temperature)
+        dz_da = (1.0 - t * t) * inv_temperature
+    else:
+        z = acc * inv_temperature
+        dz_da = tl.full((BLOCK_N, BLOCK_V), inv_temperature, tl.float32)
+    return z, dz_da
