@@ -1,0 +1,1 @@
+"""Benchmarks of the fused SPPO loss against its peers (see docs/benchmark.md)."""

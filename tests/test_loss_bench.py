@@ -1,0 +1,214 @@
+"""The benchmark's own correctness: realistic inputs, an exact reference, every provider checked, failures reported."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # `benchmarks` is a folder, not an installed package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import sppo_kernels as sk
+from benchmarks import loss_bench, report, workload
+from benchmarks.providers import PROVIDERS, Provider, naive_nll, needs_module, per_token
+from benchmarks.workload import IGNORE, Inputs, Problem, compute_reference, make_inputs
+from sppo_kernels.reference import reference_sequence_logprobs
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small enough for the Triton interpreter: B=2 sequences of 32 positions, H=64, V=512. On a GPU also in bf16 there.
+MICRO = Problem(preset="tiny", batch=2, seq_len=32, hidden=64, vocab=512)
+CHECKED = [MICRO] + ([dataclasses.replace(MICRO, device="cuda", dtype="bfloat16")] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(scope="module")
+def refdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ref")
+    loss_bench.reference_job(CHECKED, ["soft", "hard"], path)
+    return path
+
+
+def measure(provider: Provider, refdir: Path, problem: Problem = MICRO) -> dict:
+    return loss_bench.measure_provider(provider, problem, refdir, warmup=0, repeats=1, budget_s=0.0)
+
+
+# ---------------------------------------------------------------- inputs and reference
+
+
+def test_inputs_are_realistic_sppo_batches() -> None:
+    problem = Problem.create("tiny", 1024)
+    inputs = make_inputs(problem)
+    b, t = problem.batch, problem.seq_len
+    assert (b, t) == (8, 128) and inputs.hidden.shape == (b, t, problem.hidden)
+    first = (inputs.labels != IGNORE).float().argmax(1)
+    assert (first >= t // 4).all() and (first <= t // 2).all(), "prompts are masked"
+    assert torch.equal(first[: b // 2], first[b // 2 :]), "chosen and rejected share the prompt"
+    assert ((inputs.labels == IGNORE).sum(1) > first).any(), "some responses end in padding"
+    probs = inputs.target_probs
+    assert ((probs >= 0.1) & (probs <= 0.9)).all() and probs.std() > 0.05, "non-uniform win rates"
+    assert (probs[: b // 2] >= 0.5).all() and (probs[b // 2 :] <= 0.5).all()
+    with torch.no_grad():
+        policy = reference_sequence_logprobs(inputs.hidden, inputs.weight, inputs.labels)
+    gap = (policy - inputs.ref_logps).abs()
+    assert (gap > 0).all() and (gap < 0.05 * policy.abs()).all(), "ref log-probs near the policy's"
+    again = make_inputs(problem)
+    assert torch.equal(again.hidden, inputs.hidden) and torch.equal(again.ref_logps, inputs.ref_logps)
+    hard = make_inputs(problem, "hard")
+    assert hard.target_probs.tolist() == [1.0] * (b // 2) + [0.0] * (b // 2) and hard.loss_scale == 2.0
+
+
+def test_problem_shapes_and_presets() -> None:
+    assert set(workload.PRESETS) >= {"tiny", "cpu-medium", "mistral-7b", "llama3-8b", "gemma2-9b"}
+    assert workload.PRESETS["gemma2-9b"].softcap == 30.0
+    medium = Problem.create("cpu-medium", 2048)
+    assert (medium.tokens, medium.hidden, medium.vocab) == (2048, 1024, 32000)
+    assert Problem.create("tiny", 300).batch % 2 == 0
+    with pytest.raises(ValueError, match="unknown preset"):
+        Problem.create("gpt-5", 256)
+
+
+def test_reference_equals_full_float64_autograd() -> None:
+    problem = Problem(preset="tiny", batch=4, seq_len=24, hidden=32, vocab=256, softcap=30.0, logit_std=20.0)
+    inputs = make_inputs(problem)
+    ref = compute_reference(problem, inputs, torch.float64, budget_bytes=1)  # one sequence per group
+    h = inputs.hidden.detach().double().requires_grad_()
+    w = inputs.weight.detach().double().requires_grad_()
+    loss = sk.sppo_loss(
+        h, w, inputs.labels, inputs.ref_logps, inputs.target_probs, eta=problem.eta, softcap=30.0, backend="torch"
+    )
+    loss.backward()
+    assert ref.loss == pytest.approx(loss.item(), rel=1e-12)
+    torch.testing.assert_close(ref.grad_hidden, h.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ref.grad_weight, w.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_sampled_weight_rows_cover_every_label(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workload, "FULL_DW_ELEMENTS", 1000)
+    monkeypatch.setattr(workload, "SAMPLED_DW_ROWS", 16)
+    loss_bench.reference_job([MICRO], ["soft"], tmp_path)
+    ref = loss_bench._load_reference(tmp_path, MICRO, "soft")
+    labels = make_inputs(MICRO).labels
+    assert ref is not None and ref.weight_rows is not None
+    assert set(labels[labels != IGNORE].tolist()) <= set(ref.weight_rows.tolist())
+    assert measure(PROVIDERS["naive"], tmp_path)["status"] == "ok"
+
+
+# ---------------------------------------------------------------- every provider, and the checks themselves
+
+
+@pytest.mark.parametrize("problem", CHECKED, ids=lambda p: f"{p.device}-{p.dtype}")
+@pytest.mark.parametrize("name", list(PROVIDERS))
+def test_every_provider_matches_the_reference_or_says_why(name: str, problem: Problem, refdir: Path) -> None:
+    row = measure(PROVIDERS[name], refdir, problem)
+    if row["status"] == "skipped":
+        assert row["reason"], "a provider that cannot run must say why"
+        pytest.skip(row["reason"])
+    assert row["status"] in ("ok", "approx"), row  # ok: every error within the dtype's tolerance
+    assert row["fwd_ms"] > 0 and row["bwd_ms"] > 0 and row["peak_bytes"] is not None
+    assert row["reference_precision"] == "float64"
+
+
+def _scaled(factor: float) -> Provider:
+    build = per_token(naive_nll)
+    return Provider("scaled", "peer", "naive loss × factor", lambda problem: lambda x: factor * build(problem)(x))
+
+
+def _no_shift_nll(inputs: Inputs, problem: Problem) -> torch.Tensor:
+    """Position t scores its own label instead of the next one."""
+    pad = torch.full_like(inputs.labels[:, :1], IGNORE)
+    return naive_nll(dataclasses.replace(inputs, labels=torch.cat([pad, inputs.labels[:, :-1]], 1)), problem)
+
+
+@pytest.mark.parametrize(
+    "provider",
+    [_scaled(2.0), Provider("no-shift", "peer", "position t scores its own label", per_token(_no_shift_nll))],
+    ids=["loss-times-2", "no-shift"],
+)
+def test_check_catches_a_wrong_provider(provider: Provider, refdir: Path) -> None:
+    row = measure(provider, refdir)
+    assert row["status"].startswith("FAIL"), row
+
+
+def test_failing_and_missing_providers_become_rows(refdir: Path) -> None:
+    def explode(problem: Problem):
+        raise RuntimeError("boom")
+
+    broken = measure(Provider("broken", "peer", "raises", explode), refdir)
+    assert broken["status"] == "error" and "boom" in broken["reason"]
+    missing = Provider("missing", "peer", "absent", explode, requirements=(needs_module("no_such_pkg_x", "nope"),))
+    row = measure(missing, refdir)
+    assert row["status"] == "skipped" and "nope is not installed" in row["reason"]
+    approx = measure(dataclasses.replace(_scaled(1.5), exact=False), refdir)
+    assert approx["status"] == "approx" and approx["errors"]["loss"] == pytest.approx(0.5, rel=1e-4)
+
+
+def test_worker_timeout_is_a_row_not_a_crash(tmp_path: Path) -> None:
+    config = loss_bench.Config(tokens=[64], providers=["naive"], timeout_s=0.2, log_dir=tmp_path)
+    result = loss_bench.run_benchmark(config)
+    (row,) = result["rows"]
+    assert row["status"] == "error" and "timed out" in row["reason"]
+    assert "timed out" in report.terminal(result)
+
+
+# ---------------------------------------------------------------- ratios, outputs, CLI
+
+
+def test_ratios_use_the_best_passing_peer() -> None:
+    def row(name: str, family: str, ms: float, mib: int, status: str = "ok", valid: bool = True) -> dict:
+        return {
+            "provider": name, "family": family, "tokens": 8, "status": status, "fwdbwd_ms": ms,
+            "peak_bytes": mib << 20, "flops": 8e9, "timing_valid": valid,
+        }  # fmt: skip
+
+    result = {
+        "config": {"tokens": [8]},
+        "matmul_peak": {"8": {"tflops": 10.0}},
+        "rows": [
+            row("naive", "naive", 100, 400),
+            row("fast-but-wrong", "peer", 1, 1, status="FAIL: loss"),
+            row("interpreted", "peer", 2, 2, valid=False),
+            row("peer", "peer", 50, 100),
+            row("ours", "ours", 25, 50),
+        ],
+    }
+    report.add_ratios(result)
+    ours = result["rows"][-1]
+    assert result["best_peer"]["8"] == {"time": "peer", "memory": "peer"}
+    assert (ours["x_naive"], ours["x_peer"], ours["mem_x_naive"], ours["mem_x_peer"]) == (4.0, 2.0, 8.0, 2.0)
+    assert ours["tflops"] == pytest.approx(8e9 / 0.025 / 1e12) and ours["pct_peak"] == pytest.approx(3.2)
+    assert "x_naive" not in result["rows"][2]
+
+
+def test_cli_runs_every_provider_in_its_own_process(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    results = tmp_path / "RESULTS.md"
+    argv = ["--device", "cpu", "--tokens", "64,128", "--providers", "naive,ours-chunked,cce-filtered", "--repeats", "2"]
+    code = loss_bench.main([*argv, "--out", str(tmp_path), "--markdown", str(results)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    data = json.loads((tmp_path / "loss_bench_tiny_float32_cpu.json").read_text())
+    assert {"cpu", "logical_cpus", "torch_threads", "versions"} <= set(data["machine"])
+    assert data["machine"]["versions"]["torch"] and data["machine"]["versions"]["triton"]
+    rows = {(r["provider"], r["tokens"]): r for r in data["rows"]}
+    assert len(rows) == 6 and data["config"]["isolated"]
+    for tokens in (64, 128):
+        for name in ("naive", "ours-chunked"):
+            assert rows[name, tokens]["status"] == "ok" and rows[name, tokens]["peak_bytes"] > 0
+        assert rows["cce-filtered", tokens]["status"] == "skipped"
+    assert rows["naive", 128]["x_naive"] == 1.0
+    assert (tmp_path / "loss_bench_tiny_float32_cpu.png").stat().st_size > 1000
+    assert "filter_eps" in printed and "ours-chunked" in printed
+    section = results.read_text()
+    assert section.startswith("# Benchmark results") and "| naive | ok |" in section
+    assert (tmp_path / "logs" / "naive.log").exists()
+    assert loss_bench.main(["--providers", "nope"]) == 2
+
+
+def test_gpu_check_script_is_valid_bash() -> None:
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    assert "--no-index" in script.read_text() and "TRITON_INTERPRET" in script.read_text()
