@@ -1,0 +1,235 @@
+"""Stage 1: sample K responses per prompt from the current policy (vLLM on CUDA, else batched HF generate).
+
+Output ``generations.jsonl``, one row per prompt::
+
+    {"id": 3, "messages": [...], "responses": [K str], "finish_reasons": [K "stop"|"length"], "num_tokens": [K int]}
+
+Work is split into units of (pass k, shard of prompts); each unit is saved as it finishes and samples with its
+own seed derived from (seed, k, shard), so a killed run resumes without changing any result.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+
+from sppo_kernels.pipeline import chat
+from sppo_kernels.pipeline.errors import PipelineError
+from sppo_kernels.pipeline.modeling import ModelOptions, default_device, default_dtype, load_causal_lm
+from sppo_kernels.pipeline.options import opt
+from sppo_kernels.pipeline.prompts import Prompt
+from sppo_kernels.pipeline.store import chunks, mark_done, run_units, write_jsonl
+
+STAGE = "generate"
+OUTPUT = "generations.jsonl"
+ROW_KEYS = ("id", "messages", "responses", "finish_reasons")
+
+
+@dataclass
+class GenerateOptions:
+    """Sampling settings (defaults: the SPPO paper's)."""
+
+    num_responses: int = opt(5, "responses per prompt (K)")
+    temperature: float = opt(0.7, "sampling temperature")
+    top_p: float = opt(0.9, "nucleus sampling threshold")
+    max_new_tokens: int = opt(2048, "maximum tokens per response")
+    generation_seed: int = opt(0, "base seed; pass k and shard j sample with a seed derived from (seed, k, j)")
+    generation_backend: str = opt(
+        "auto", "auto: vLLM when importable and CUDA is present, else HF", ("auto", "vllm", "hf")
+    )
+    generation_batch_size: int = opt(16, "prompts per HF generate call")
+    generation_shard_size: int = opt(256, "prompts per saved unit of work")
+    tensor_parallel_size: int = opt(1, "vLLM tensor-parallel size")
+    gpu_memory_utilization: float = opt(0.9, "vLLM GPU memory fraction")
+
+
+class Sample(NamedTuple):
+    """One sampled response."""
+
+    text: str
+    finish_reason: str  # "stop" (ended with end-of-turn) or "length" (hit max_new_tokens)
+    num_tokens: int
+
+
+class Sampler(Protocol):
+    """A generation engine: continue each prompt (token ids) once, reproducibly for a given seed."""
+
+    def sample(self, prompt_ids: Sequence[list[int]], seed: int) -> list[Sample]: ...
+
+
+def unit_seed(seed: int, pass_index: int, shard_index: int) -> int:
+    """The sampling seed of one (pass, shard) unit: distinct across passes and shards, stable across runs."""
+    return int(np.random.SeedSequence([seed, pass_index, shard_index]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def vllm_usable() -> bool:
+    """True when vLLM is importable and a CUDA device is present."""
+    import torch
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+class VLLMSampler:
+    """vLLM engine fed with token ids (so vLLM adds no second BOS); one request seed per unit."""
+
+    def __init__(self, model: str, options: GenerateOptions, *, trust_remote_code: bool = False) -> None:
+        import vllm
+
+        self._vllm = vllm
+        self.options = options
+        self.llm = vllm.LLM(
+            model=model,
+            tensor_parallel_size=options.tensor_parallel_size,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            seed=options.generation_seed,
+            trust_remote_code=trust_remote_code,
+        )
+
+    def sample(self, prompt_ids: Sequence[list[int]], seed: int) -> list[Sample]:
+        """One response per prompt."""
+        params = self._vllm.SamplingParams(
+            temperature=self.options.temperature,
+            top_p=self.options.top_p,
+            max_tokens=self.options.max_new_tokens,
+            seed=seed,
+        )
+        requests = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        samples = []
+        for output in outputs:
+            completion = output.outputs[0]
+            finish = "length" if completion.finish_reason == "length" else "stop"
+            samples.append(Sample(completion.text, finish, len(completion.token_ids)))
+        return samples
+
+
+class HFSampler:
+    """Batched ``model.generate`` with left padding, on CUDA (bf16) when present, else CPU (fp32)."""
+
+    def __init__(self, model: str, options: GenerateOptions, *, tokenizer: Any, model_options: ModelOptions) -> None:
+        self.options = options
+        self.tokenizer = tokenizer
+        self.device = default_device()
+        self.model = load_causal_lm(model, model_options, device=self.device, dtype=default_dtype(self.device))
+        self.model.to(self.device).eval()
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = tokenizer.eos_token_id
+        self.eos_ids = set(eos) if isinstance(eos, list) else {eos}
+
+    def _batch(self, prompt_ids: Sequence[list[int]]) -> list[Sample]:
+        import torch
+
+        pad = self.tokenizer.pad_token_id
+        width = max(len(ids) for ids in prompt_ids)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in prompt_ids], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=self.device)
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=self.options.temperature,
+                top_p=self.options.top_p,
+                top_k=0,  # no top-k cut, as in vLLM
+                max_new_tokens=self.options.max_new_tokens,
+                pad_token_id=pad,
+            )
+        samples = []
+        for row in out[:, width:].tolist():
+            end = next((i for i, token in enumerate(row) if token in self.eos_ids), None)
+            tokens = row if end is None else row[:end]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            samples.append(Sample(text, "length" if end is None else "stop", len(row) if end is None else end + 1))
+        return samples
+
+    def sample(self, prompt_ids: Sequence[list[int]], seed: int) -> list[Sample]:
+        """One response per prompt, in batches of ``generation_batch_size``."""
+        import torch
+
+        torch.manual_seed(seed)
+        samples: list[Sample] = []
+        for batch in chunks(prompt_ids, self.options.generation_batch_size):
+            samples += self._batch(batch)
+        return samples
+
+
+def make_sampler(model: str, options: GenerateOptions, *, tokenizer: Any, model_options: ModelOptions) -> Sampler:
+    """The engine chosen by ``generation_backend``."""
+    backend = options.generation_backend
+    if backend == "vllm" or (backend == "auto" and vllm_usable()):
+        if importlib.util.find_spec("vllm") is None:
+            raise PipelineError("--generation-backend vllm needs vLLM (pip install 'sppo-kernels[vllm]')")
+        return VLLMSampler(model, options, trust_remote_code=model_options.trust_remote_code)
+    return HFSampler(model, options, tokenizer=tokenizer, model_options=model_options)
+
+
+def run_generate(
+    model: str,
+    prompts: Sequence[Prompt],
+    out_dir: str | Path,
+    options: GenerateOptions,
+    model_options: ModelOptions | None = None,
+    *,
+    sampler: Sampler | None = None,
+) -> Path:
+    """Sample ``num_responses`` responses for every prompt; returns the path of ``generations.jsonl``."""
+    if not prompts:
+        raise PipelineError("generate: the prompt set is empty")
+    if options.num_responses < 2:
+        raise PipelineError(f"--num-responses must be >= 2 to rank responses, got {options.num_responses}")
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    model_options = model_options or ModelOptions()
+    tokenizer = chat.load_tokenizer(model, trust_remote_code=model_options.trust_remote_code)
+    prompt_ids = [chat.encode_prompt(tokenizer, p.messages) for p in prompts]
+    shards = chunks(range(len(prompts)), options.generation_shard_size)
+    units = [(k, j, shard) for k in range(options.num_responses) for j, shard in enumerate(shards)]
+    engine = sampler
+
+    def work(_index: int, unit: tuple[int, int, range]) -> list[dict[str, Any]]:
+        nonlocal engine
+        if engine is None:  # built lazily: a fully resumed stage loads no model
+            engine = make_sampler(model, options, tokenizer=tokenizer, model_options=model_options)
+        k, j, shard = unit
+        samples = engine.sample([prompt_ids[i] for i in shard], unit_seed(options.generation_seed, k, j))
+        return [s._asdict() for s in samples]
+
+    results = run_units(
+        out_dir / "generate_units",
+        units,
+        work,
+        desc="generate",
+        total=len(prompts) * options.num_responses,
+        weight=lambda unit: len(unit[2]),
+    )
+    rows = [{**p.to_json(), "responses": [], "finish_reasons": [], "num_tokens": []} for p in prompts]
+    for (_k, _j, shard), samples in zip(units, results, strict=True):
+        for i, sample in zip(shard, samples, strict=True):
+            rows[i]["responses"].append(sample["text"])
+            rows[i]["finish_reasons"].append(sample["finish_reason"])
+            rows[i]["num_tokens"].append(sample["num_tokens"])
+    path = out_dir / OUTPUT
+    write_jsonl(path, rows)
+    num_tokens = [n for row in rows for n in row["num_tokens"]]
+    summary = {
+        "prompts": len(rows),
+        "responses": len(num_tokens),
+        "mean_tokens": float(np.mean(num_tokens)),
+        "hit_max_new_tokens": sum(r == "length" for row in rows for r in row["finish_reasons"]),
+        "seconds": round(time.perf_counter() - started, 2),
+        "options": asdict(options),
+    }
+    mark_done(out_dir, STAGE, summary)
+    print(
+        f"[generate] {summary['prompts']} prompts x {options.num_responses} responses, "
+        f"mean {summary['mean_tokens']:.1f} tokens, {summary['hit_max_new_tokens']} cut at max_new_tokens, "
+        f"{summary['seconds']}s -> {path}"
+    )
+    return path

@@ -1,0 +1,92 @@
+"""Model loading, batch padding and the hidden states fed to the fused op (shared by reflogps and train)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import sppo_kernels as sk
+from sppo_kernels.integrations import hf
+from sppo_kernels.pipeline.errors import PipelineError
+from sppo_kernels.pipeline.options import opt
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class ModelOptions:
+    """How policy checkpoints are loaded and which kernel computes their log-probs (all model stages)."""
+
+    trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code")
+    attn_implementation: str | None = opt(
+        None,
+        "attention kernel (default: flash_attention_2 if installed on CUDA, eager for soft-capped "
+        "attention without it, else sdpa)",
+    )
+    kernel_backend: str = opt("auto", "sppo_kernels backend for the log-probs and the loss", sk.BACKENDS)
+
+
+def default_device() -> torch.device:
+    """``cuda:<LOCAL_RANK>`` when CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs, fp32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def pick_attn_implementation(config: Any, requested: str | None, device: torch.device) -> str:
+    """flash-attn 2 when installed on CUDA; Gemma-2's soft-capped attention needs eager without it; else sdpa."""
+    if requested:
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "eager"
+    return "sdpa"
+
+
+def load_causal_lm(path: str, options: ModelOptions, *, device: torch.device, dtype: torch.dtype) -> Any:
+    """``AutoModelForCausalLM`` in ``dtype`` (not moved: the caller or DeepSpeed places it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=options.trust_remote_code)
+    except OSError as e:
+        raise PipelineError(f"cannot load a model config from {path!r}: {e}") from e
+    return AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=dtype,
+        trust_remote_code=options.trust_remote_code,
+        attn_implementation=pick_attn_implementation(config, options.attn_implementation, device),
+    )
+
+
+def pad_batch(rows: Sequence[dict[str, Any]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` [B, T] (int64) from rows with
+    ``input_ids`` and ``prompt_length``; labels are -100 on prompt and padding (HF convention, unshifted)."""
+    width = max(len(row["input_ids"]) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for b, row in enumerate(rows):
+        n, p = len(row["input_ids"]), row["prompt_length"]
+        ids[b, :n] = torch.as_tensor(row["input_ids"])
+        mask[b, :n] = 1
+        labels[b, p:n] = ids[b, p:n]
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def head_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Final hidden states [B, T, H] scaled so that ``hidden·Wᵀ`` (then the soft-cap) gives the model's logits."""
+    hidden = hf.final_hidden_states(model, input_ids, attention_mask)
+    scale = hf.logit_scale(model)
+    return hidden if scale == 1.0 else hidden * scale

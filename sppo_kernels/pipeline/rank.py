@@ -1,0 +1,165 @@
+"""Stage 2: compare the K responses of every prompt pairwise with a judge (PairRM by default).
+
+Output ``rankings.jsonl``, one row per prompt: ``{"id": 3, "logits": K×K}``, where ``logits[i][j]`` is the judge's
+logit that response i beats response j (0 on the diagonal). Any :class:`PairwiseScorer` can replace PairRM.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from sppo_kernels.pipeline import generate
+from sppo_kernels.pipeline.errors import PipelineError
+from sppo_kernels.pipeline.options import opt
+from sppo_kernels.pipeline.prompts import Prompt
+from sppo_kernels.pipeline.store import chunks, mark_done, read_rows, run_units, write_jsonl
+
+STAGE = "rank"
+OUTPUT = "rankings.jsonl"
+ROW_KEYS = ("id", "logits")
+
+
+@dataclass
+class RankOptions:
+    """Judge settings."""
+
+    ranker: str = opt("llm-blender/PairRM", "PairRM checkpoint: a local folder, or a hub name (downloads)")
+    rank_batch_size: int = opt(16, "prompts per judge forward batch (each costs K*(K-1) pair passes)")
+    rank_shard_size: int = opt(256, "prompts per saved unit of work")
+    ranker_device: str | None = opt(None, "device for the judge (default: cuda when present, else cpu)")
+    source_max_length: int | None = opt(None, "judge prompt token budget (default: the checkpoint's)")
+    candidate_max_length: int | None = opt(None, "judge response token budget (default: the checkpoint's)")
+
+
+class PairwiseScorer(Protocol):
+    """A judge: for n prompts with K candidates each, a float32 array [n, K, K] of logits that i beats j."""
+
+    def compare(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> np.ndarray: ...
+
+
+def apply_transformers5_shims() -> None:
+    """Let llm-blender 0.0.2 run on transformers 5 (both shims are no-ops on transformers 4).
+
+    1. ``transformers.utils.hub.TRANSFORMERS_CACHE`` was removed; llm-blender imports it as its default cache.
+    2. ``batch_encode_plus`` was removed; llm-blender's collator calls it in one helper, which is replaced by an
+       equivalent ``tokenizer(...)`` call (same padding/truncation arguments).
+    """
+    import transformers.utils.hub as hub
+
+    if not hasattr(hub, "TRANSFORMERS_CACHE"):
+        from huggingface_hub import constants
+
+        hub.TRANSFORMERS_CACHE = constants.HF_HUB_CACHE
+    import llm_blender.pair_ranker.collator as collator
+    from transformers import PreTrainedTokenizerBase
+
+    if not hasattr(PreTrainedTokenizerBase, "batch_encode_plus"):
+
+        def encode_texts(texts: list[str], tokenizer: Any, max_length: int | None = None) -> tuple[Any, Any]:
+            encoded = tokenizer(
+                texts, max_length=max_length, padding="max_length", truncation=True, return_tensors="pt"
+            )
+            return encoded["input_ids"], encoded["attention_mask"]
+
+        collator.encode_texts = encode_texts
+
+
+def _relative_backbone(ranker: str) -> dict[str, str]:
+    """``{"model_name": <absolute path>}`` when a local ranker's config names its backbone by a relative folder."""
+    config = Path(ranker) / "config.json"
+    if not config.is_file():
+        return {}
+    name = json.loads(config.read_text(encoding="utf-8")).get("model_name")
+    return {"model_name": str(Path(ranker) / name)} if name and (Path(ranker) / name).is_dir() else {}
+
+
+class PairRMScorer:
+    """PairRM through llm-blender: ``Blender().loadranker(path)``, then every ordered pair of candidates.
+
+    This is the computation of ``Blender.rank`` (same collator, same ``_full_predict``), kept at the K×K
+    logits that ``rank`` reduces to scores; ``scores_from_logits`` of the result equals
+    ``rank(..., return_scores=True)``.
+    """
+
+    def __init__(self, ranker: str, *, device: str | None = None, batch_size: int = 16, **rank_kwargs: Any) -> None:
+        import torch
+
+        apply_transformers5_shims()
+        import llm_blender
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = batch_size
+        self.blender = llm_blender.Blender()
+        try:
+            self.blender.loadranker(ranker, device=self.device, **_relative_backbone(ranker))
+        except (OSError, ValueError) as e:
+            where = "local folder" if os.path.isdir(ranker) else "not a local folder, and the hub download failed"
+            raise PipelineError(f"cannot load the PairRM ranker {ranker!r} ({where}): {e}") from e
+        self.collator = copy.copy(self.blender.ranker_collator)
+        config = self.blender.ranker_config
+        self.collator.source_maxlength = rank_kwargs.get("source_max_length") or config.source_maxlength
+        self.collator.candidate_maxlength = rank_kwargs.get("candidate_max_length") or config.candidate_maxlength
+
+    def compare(self, prompts: Sequence[str], candidates: Sequence[Sequence[str]]) -> np.ndarray:
+        """Logits [n, K, K] (float32) that candidate i beats candidate j, 0 on the diagonal."""
+        import torch
+        from llm_blender.blender.blender_utils import RankerDataset
+
+        dataset = RankerDataset(list(prompts), [list(c) for c in candidates])
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, collate_fn=self.collator)
+        logits = []
+        with torch.no_grad():
+            for batch in loader:
+                batch = {k: v.to(self.device) for k, v in batch.items() if v is not None}
+                logits.append(self.blender.ranker._full_predict(**batch)["logits"].float().cpu().numpy())
+        return np.concatenate(logits).astype(np.float32)
+
+
+def run_rank(
+    generations_path: str | Path, out_dir: str | Path, options: RankOptions, *, scorer: PairwiseScorer | None = None
+) -> Path:
+    """Judge all responses of ``generations.jsonl``; returns the path of ``rankings.jsonl``."""
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    rows = read_rows(generations_path, generate.ROW_KEYS)
+    if not rows:
+        raise PipelineError(f"{generations_path} holds no generations")
+    sizes = {len(row["responses"]) for row in rows}
+    if len(sizes) != 1 or min(sizes) < 2:
+        raise PipelineError(f"{generations_path}: every prompt needs the same number (>= 2) of responses, got {sizes}")
+    judge = scorer
+
+    def work(_index: int, shard: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        nonlocal judge
+        if judge is None:  # built lazily: a fully resumed stage loads no judge
+            judge = PairRMScorer(
+                options.ranker,
+                device=options.ranker_device,
+                batch_size=options.rank_batch_size,
+                source_max_length=options.source_max_length,
+                candidate_max_length=options.candidate_max_length,
+            )
+        texts = [Prompt.from_json(row).text for row in shard]
+        logits = judge.compare(texts, [row["responses"] for row in shard])
+        k = len(shard[0]["responses"])
+        if logits.shape != (len(shard), k, k):
+            raise PipelineError(f"the judge returned logits of shape {logits.shape}, expected {(len(shard), k, k)}")
+        return [{"id": row["id"], "logits": matrix.tolist()} for row, matrix in zip(shard, logits, strict=True)]
+
+    shards = chunks(rows, options.rank_shard_size)
+    results = run_units(out_dir / "rank_units", shards, work, desc="rank", total=len(rows), weight=len)
+    path = out_dir / OUTPUT
+    write_jsonl(path, [row for shard in results for row in shard])
+    summary = {"prompts": len(rows), "seconds": round(time.perf_counter() - started, 2), "options": asdict(options)}
+    mark_done(out_dir, STAGE, summary)
+    print(f"[rank] {len(rows)} prompts judged pairwise, {summary['seconds']}s -> {path}")
+    return path

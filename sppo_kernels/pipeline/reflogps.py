@@ -1,0 +1,140 @@
+"""Stage 4: tokenise the training sequences and store their log-probs under π_t, computed once.
+
+π_t is the policy at the start of the iteration, the model the responses were sampled from. Storing
+``ref_logp`` with the data means training keeps no second model in memory (the reference trainer keeps a
+ZeRO-3 copy of π_t and recomputes these every step).
+
+Output ``train_data.parquet`` (a ``datasets`` table), one row per sequence: ``id``, ``role``,
+``response_index``, ``input_ids``, ``prompt_length``, ``truncated``, ``target``, ``loss_scale``, ``ref_logp``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import sppo_kernels as sk
+from sppo_kernels.integrations import hf
+from sppo_kernels.pipeline import chat, targets
+from sppo_kernels.pipeline.errors import PipelineError
+from sppo_kernels.pipeline.modeling import (
+    ModelOptions,
+    default_device,
+    default_dtype,
+    head_hidden,
+    load_causal_lm,
+    pad_batch,
+)
+from sppo_kernels.pipeline.options import opt
+from sppo_kernels.pipeline.store import atomic_path, chunks, mark_done, read_rows, run_units
+
+STAGE = "reflogps"
+OUTPUT = "train_data.parquet"
+COLUMNS = ("id", "role", "response_index", "input_ids", "prompt_length", "truncated", "target", "loss_scale")
+
+
+@dataclass
+class RefLogpsOptions:
+    """Tokenisation limits and batching for the reference log-probs."""
+
+    max_length: int = opt(1024, "maximum prompt+response tokens; longer responses are cut and marked truncated")
+    max_prompt_length: int = opt(512, "maximum prompt tokens; longer prompts keep their last tokens")
+    drop_truncated: bool = opt(False, "drop sequences whose response was cut (by max_length or max_new_tokens)")
+    reflogps_batch_size: int = opt(8, "sequences per forward pass")
+    reflogps_shard_size: int = opt(1024, "sequences per saved unit of work")
+
+
+def tokenize_targets(rows: Sequence[dict[str, Any]], tokenizer: Any, options: RefLogpsOptions) -> list[dict[str, Any]]:
+    """Training rows (the ``COLUMNS`` fields) for the rows of ``targets.jsonl``."""
+    out = []
+    for row in rows:
+        encoded = chat.encode_sequence(
+            tokenizer,
+            row["messages"],
+            row["response"],
+            complete=row["complete"],
+            max_length=options.max_length,
+            max_prompt_length=options.max_prompt_length,
+        )
+        out.append(
+            {
+                **{key: row[key] for key in ("id", "role", "response_index", "target", "loss_scale")},
+                "input_ids": encoded.input_ids,
+                "prompt_length": encoded.prompt_length,
+                "truncated": encoded.truncated,
+            }
+        )
+    return out
+
+
+@torch.no_grad()
+def sequence_logps(
+    model: Any, rows: Sequence[dict[str, Any]], pad_id: int, device: torch.device, backend: str = "auto"
+) -> list[float]:
+    """Summed response log-probs (float) of ``rows`` under ``model``, via ``sk.sequence_logprobs``."""
+    input_ids, mask, labels = pad_batch(rows, pad_id, device)
+    hidden = head_hidden(model, input_ids, mask)
+    weight, bias = hf.lm_head_params(model)
+    logps = sk.sequence_logprobs(hidden, weight, labels, bias=bias, softcap=hf.logit_softcap(model), backend=backend)
+    return logps.float().cpu().tolist()
+
+
+def run_reflogps(
+    model_path: str,
+    targets_path: str | Path,
+    out_dir: str | Path,
+    options: RefLogpsOptions,
+    model_options: ModelOptions | None = None,
+) -> Path:
+    """Tokenise ``targets.jsonl`` and add π_t's log-probs; returns the path of ``train_data.parquet``."""
+    import datasets
+
+    model_options = model_options or ModelOptions()
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    tokenizer = chat.load_tokenizer(model_path, trust_remote_code=model_options.trust_remote_code)
+    rows = tokenize_targets(read_rows(targets_path, targets.ROW_KEYS), tokenizer, options)
+    truncated = sum(row["truncated"] for row in rows)
+    if options.drop_truncated:
+        rows = [row for row in rows if not row["truncated"]]
+    if not rows:
+        raise PipelineError(f"{targets_path}: no sequences left to train on (all truncated and dropped?)")
+    device = default_device()
+    model = None
+
+    def work(_index: int, shard: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        nonlocal model
+        if model is None:  # loaded lazily: a fully resumed stage loads no model
+            model = load_causal_lm(model_path, model_options, device=device, dtype=default_dtype(device))
+            model.to(device).eval()
+        logps = []
+        for batch in chunks(shard, options.reflogps_batch_size):
+            logps += sequence_logps(model, batch, tokenizer.pad_token_id, device, model_options.kernel_backend)
+        return [{"ref_logp": value} for value in logps]
+
+    shards = chunks(rows, options.reflogps_shard_size)
+    results = run_units(out_dir / "reflogps_units", shards, work, desc="ref logps", total=len(rows), weight=len)
+    for row, result in zip(rows, (r for shard in results for r in shard), strict=True):
+        row["ref_logp"] = result["ref_logp"]
+    path = out_dir / OUTPUT
+    with atomic_path(path) as tmp:
+        datasets.Dataset.from_list(rows).to_parquet(str(tmp))
+    summary = {
+        "sequences": len(rows),
+        "truncated": truncated,
+        "mean_ref_logp": sum(row["ref_logp"] for row in rows) / len(rows),
+        "seconds": round(time.perf_counter() - started, 2),
+        "options": asdict(options),
+    }
+    mark_done(out_dir, STAGE, summary)
+    print(
+        f"[reflogps] {len(rows)} sequences ({truncated} truncated"
+        f"{', dropped' if options.drop_truncated else ''}), mean log-prob {summary['mean_ref_logp']:.2f}, "
+        f"{summary['seconds']}s -> {path}"
+    )
+    return path

@@ -1,0 +1,169 @@
+"""`run` (skip / resume / kill-and-resume), the demo, and CLI errors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sppo_kernels.pipeline import cli, store, train
+from sppo_kernels.pipeline.errors import PipelineError
+from sppo_kernels.pipeline.prompts import bundled_prompts_path
+from sppo_kernels.pipeline.run import STAGES, run_pipeline
+
+# Runs the CLI in a child process that SIGKILLs itself at a chosen point (argv[1]), like a crash or `kill -9`.
+KILLER = r"""
+import os, signal, sys
+from sppo_kernels.pipeline import cli, store, train
+
+point = sys.argv.pop(1)
+if point == "generation":
+    write, units = store.write_jsonl, []
+
+    def write_then_die(path, rows):
+        if "generate_units" in str(path):
+            units.append(path)
+            if len(units) == 3:  # die in the middle of writing the third unit of work
+                with store.atomic_path(path) as tmp:
+                    tmp.write_text('{"text": "half a line')
+                    os.kill(os.getpid(), signal.SIGKILL)
+        write(path, rows)
+
+    store.write_jsonl = write_then_die
+elif point == "training":
+    step, calls = train._step, []
+
+    def step_then_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:  # first micro-batch of step 3 (2 per step), after the step-2 checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(*args, **kwargs)
+
+    train._step = step_then_die
+sys.exit(cli.main())
+"""
+
+
+def test_rerun_skips_finished_stages(finished_run: Path, policy: Path, make_options: Callable, capsys) -> None:
+    folder = finished_run / "iter1"
+    before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+    options = make_options(save_steps=1, keep_checkpoints=True)
+    final = run_pipeline(str(policy), str(bundled_prompts_path()), finished_run, options)
+    assert final == folder / train.MODEL_DIR
+    assert capsys.readouterr().out.count("finished earlier") == len(STAGES)
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.name != "prompts.jsonl"} == {
+        p: t for p, t in before.items() if p.name != "prompts.jsonl"
+    }
+
+
+def test_rerun_with_other_settings_is_refused(finished_run: Path, policy: Path, make_options: Callable) -> None:
+    options = make_options(save_steps=1, keep_checkpoints=True, learning_rate=1.0)
+    with pytest.raises(PipelineError, match=r"different settings \(train.learning_rate\)"):
+        run_pipeline(str(policy), str(bundled_prompts_path()), finished_run, options)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_the_same_artefacts(
+    finished_run: Path,
+    policy: Path,
+    tmp_path: Path,
+    make_options: Callable,
+    run_argv: Callable,
+    sppo_train: Callable,
+    python: Callable,
+) -> None:
+    out = tmp_path / "run"
+    argv = run_argv(policy, out, make_options(save_steps=2))
+    folder = out / "iter1"
+
+    killed = python("-c", KILLER, "generation", *argv)
+    assert killed.returncode == -9
+    assert store.stage_summary(folder, "generate") is None and not (folder / "generations.jsonl").exists()
+    assert len(list((folder / "generate_units").glob("unit-*.jsonl"))) == 2
+    assert len(list((folder / "generate_units").glob(".*.tmp"))) == 1  # the half-written unit, never read
+
+    killed = python("-c", KILLER, "training", *argv)
+    assert killed.returncode == -9
+    assert "[generate]" in killed.stdout  # finished the 4 missing units
+    assert store.stage_summary(folder, "reflogps") is not None and store.stage_summary(folder, "train") is None
+    assert store.read_json(folder / train.CHECKPOINTS / "latest.json")["step"] == 2
+
+    resumed = sppo_train(*argv)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "[generate] finished earlier" in resumed.stdout
+
+    reference = finished_run / "iter1"
+    for name in ("prompts.jsonl", "generations.jsonl", "targets.jsonl"):
+        assert (folder / name).read_text() == (reference / name).read_text(), name
+    ranks, ref_ranks = store.read_jsonl(folder / "rankings.jsonl"), store.read_jsonl(reference / "rankings.jsonl")
+    np.testing.assert_allclose([r["logits"] for r in ranks], [r["logits"] for r in ref_ranks], rtol=1e-5, atol=1e-6)
+    metrics, ref_metrics = store.read_jsonl(folder / train.METRICS), store.read_jsonl(reference / train.METRICS)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in ref_metrics], rel=1e-5)
+    weights, ref_weights = (load_file(str(f / "model" / "model.safetensors")) for f in (folder, reference))
+    for name, value in ref_weights.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path: Path, sppo_train: Callable) -> None:
+    started = time.perf_counter()
+    result = sppo_train("demo", "--out", str(tmp_path))
+    seconds = time.perf_counter() - started
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert seconds < 180
+    assert "SMOKE RUN" in result.stdout and "demo finished" in result.stdout
+    assert f"policy {tmp_path / 'run' / 'iter1' / 'model'}" in result.stdout  # π_2 samples iteration 2
+    for t in (1, 2):
+        folder = tmp_path / "run" / f"iter{t}"
+        assert all(store.stage_summary(folder, stage) for stage in STAGES)
+        assert (folder / "loss.png").is_file() and (folder / "model" / "model.safetensors").is_file()
+        assert len(store.read_jsonl(folder / "metrics.jsonl")) == 6
+    ids = [{r["id"] for r in store.read_jsonl(tmp_path / "run" / f"iter{t}" / "prompts.jsonl")} for t in (1, 2)]
+    assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 48
+
+
+# ---------------------------------------------------------------------------------------------- CLI errors
+
+
+def _cli_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(list(argv))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_cli_errors(tmp_path: Path, policy: Path, capsys) -> None:
+    out = str(tmp_path / "out")
+    missing = str(tmp_path / "missing.jsonl")
+    assert "missing file" in _cli_error(capsys, "run", "--model", str(policy), "--prompts", missing, "--out", out)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    empty = str(tmp_path / "empty.jsonl")
+    assert "is empty" in _cli_error(capsys, "generate", "--model", str(policy), "--prompts", empty, "--out", out)
+    assert "cannot be split" in _cli_error(
+        capsys, "run", "--model", str(policy), "--prompts", str(bundled_prompts_path()), "--out", out,
+        "--iterations", "100",
+    )  # fmt: skip
+    assert "cannot load a tokenizer" in _cli_error(
+        capsys, "generate", "--model", str(tmp_path / "no-model"), "--prompts", str(bundled_prompts_path()),
+        "--out", out, "--max-prompts", "2",
+    )  # fmt: skip
+    assert "missing file" in _cli_error(capsys, "rank", "--generations", missing, "--out", out)
+    assert "missing training data" in _cli_error(
+        capsys, "train", "--model", str(policy), "--data", str(tmp_path / "d.parquet"), "--out", out
+    )
+    assert "invalid choice" in _cli_error(capsys, "targets", "--generations", missing, "--rankings", missing,
+                                          "--out", out, "--target-mode", "best")  # fmt: skip
+    assert "the following arguments are required: --out" in _cli_error(capsys, "rank", "--generations", missing)
+
+
+def test_cli_help_lists_all_commands(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in (*STAGES, "run", "demo"))
