@@ -12,6 +12,24 @@ from sppo_kernels.reference import reference_sequence_logprobs, sppo_epilogue
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def _prepare(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None,
+    cu_seqlens: Tensor | None,
+    ignore_index: int,
+    shift: bool,
+    backend: str,
+) -> tuple[TokenRows, str]:
+    """Validated token rows and the backend that will run on them."""
+    rows = prepare_rows(
+        hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index, shift=shift
+    )
+    return rows, resolve_backend(backend, hidden.device)
+
+
 def _logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -24,11 +42,18 @@ def _logprobs(
     temperature: float,
     shift: bool,
     backend: str,
+    prepared: tuple[TokenRows, str] | None = None,
 ) -> tuple[Tensor, TokenRows]:
-    rows = prepare_rows(
-        hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index, shift=shift
+    rows, chosen = prepared or _prepare(
+        hidden,
+        weight,
+        labels,
+        bias=bias,
+        cu_seqlens=cu_seqlens,
+        ignore_index=ignore_index,
+        shift=shift,
+        backend=backend,
     )
-    chosen = resolve_backend(backend, hidden.device)
     if chosen == "torch":
         logps = reference_sequence_logprobs(
             hidden,
@@ -109,21 +134,38 @@ def sppo_loss(
     check_options(softcap=softcap, temperature=temperature, eta=eta)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    logps, rows = _logprobs(
+    prepared = _prepare(
         hidden,
         weight,
         labels,
         bias=bias,
         cu_seqlens=cu_seqlens,
         ignore_index=ignore_index,
-        softcap=softcap,
-        temperature=temperature,
         shift=shift,
         backend=backend,
     )
-    ref = check_sequence_values("ref_logps", ref_logps, rows, probability=False).to(logps.dtype)
-    probs = check_sequence_values("target_probs", target_probs, rows, probability=True).to(logps.dtype)
-    loss = sppo_epilogue(logps, ref, probs, float(eta), reduction)
+    rows, chosen = prepared
+    ref = check_sequence_values("ref_logps", ref_logps, rows, probability=False)
+    probs = check_sequence_values("target_probs", target_probs, rows, probability=True)
+    if chosen == "cpu":  # separable loss: the C++ backend forms its gradient in the forward, no logits recompute
+        from sppo_kernels.autograd.fused_cpu import cpu_sppo_loss
+
+        loss, logps = cpu_sppo_loss(rows, weight, bias, softcap, temperature, ref, probs, float(eta), reduction)
+    else:
+        logps, _ = _logprobs(
+            hidden,
+            weight,
+            labels,
+            bias=bias,
+            cu_seqlens=cu_seqlens,
+            ignore_index=ignore_index,
+            softcap=softcap,
+            temperature=temperature,
+            shift=shift,
+            backend=backend,
+            prepared=prepared,
+        )
+        loss = sppo_epilogue(logps, ref.to(logps.dtype), probs.to(logps.dtype), float(eta), reduction)
     return (loss, logps) if return_logps else loss
 
 

@@ -25,8 +25,12 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
 
 
 def cpu_unavailable_reason(device: torch.device) -> str | None:
-    """Why the csrc CPU backend cannot run on ``device``, or None when it can."""
-    return "the csrc CPU backend is not part of this build"
+    """Why the csrc CPU backend cannot run on ``device``, or None when it can (builds it on first call)."""
+    if device.type != "cpu":
+        return f"tensors are on {device}; the cpu backend needs CPU tensors"
+    from sppo_kernels._cpu_extension import unavailable_reason
+
+    return unavailable_reason()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -53,6 +57,10 @@ def fused_sequence_logprobs(
         from sppo_kernels.autograd.fused_triton import triton_sequence_logprobs
 
         return triton_sequence_logprobs(rows, weight, bias, softcap, temperature)
+    if backend == "cpu":
+        from sppo_kernels.autograd.fused_cpu import cpu_sequence_logprobs
+
+        return cpu_sequence_logprobs(rows, weight, bias, softcap, temperature)
     from sppo_kernels.autograd.chunked import chunked_sequence_logprobs
 
     return chunked_sequence_logprobs(rows, weight, bias, softcap, temperature)

@@ -1,0 +1,105 @@
+"""Find or build the C++ extension behind the ``"cpu"`` backend (``csrc/sppo_cpu.cpp``).
+
+Order: the module built ahead of time by ``setup.py`` (``pip install --no-build-isolation -e .``), unless its
+source hash says the source has changed since; else a first-use build with ``torch.utils.cpp_extension.load``
+(ninja + a C++ compiler, cached under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, about a minute
+on 2 cores). Without a toolchain the backend is reported unavailable after one warning; nothing here raises.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import os
+import shutil
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sppo_cpu.cpp"
+AOT_MODULE = "sppo_kernels._cpu_ops"
+JIT_NAME = "sppo_kernels_cpu"
+CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+LDFLAGS = ["-fopenmp"]
+
+
+def source_hash(path: Path = SOURCE) -> str:
+    """First 16 hex digits of the source's sha256; setup.py bakes the same value into its build."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _ahead_of_time() -> ModuleType | None:
+    """The setup.py build, when installed and built from the source that is here (if the source is here)."""
+    try:
+        module = importlib.import_module(AOT_MODULE)
+    except ImportError:
+        return None
+    if SOURCE.exists() and module.source_hash() != source_hash():
+        return None  # built from an older source: rebuild at first use instead
+    return module
+
+
+def _toolchain_missing() -> str | None:
+    """Why a first-use build cannot run, or None."""
+    from torch.utils import cpp_extension
+
+    if not SOURCE.exists():
+        return f"no ahead-of-time build is installed and the source {SOURCE} is missing"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler: {compiler!r} not found (install g++, or set CXX)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (pip install 'sppo-kernels[cpu]')"
+    return None
+
+
+def _build() -> ModuleType:
+    """Compile (or load the cached build of) the extension with torch's JIT loader."""
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(
+        name=JIT_NAME,
+        sources=[str(SOURCE)],
+        extra_cflags=[*CFLAGS, f"-DSPPO_SOURCE_HASH={source_hash()}"],
+        extra_ldflags=LDFLAGS,
+        verbose=False,
+    )
+
+
+def _find_or_build() -> tuple[ModuleType | None, str | None]:
+    module = _ahead_of_time()
+    if module is not None:
+        return module, None
+    reason = _toolchain_missing()
+    if reason is None:
+        try:
+            return _build(), None
+        except Exception as exc:  # a failed compile must not break the package: report and fall back
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            reason = f"building {SOURCE.name} failed: {lines[-1]}"
+    warnings.warn(
+        f"sppo_kernels: the C++ CPU backend is unavailable ({reason}); backend='auto' uses 'chunked' on the CPU",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None, reason
+
+
+@functools.cache
+def load() -> tuple[ModuleType | None, str | None]:
+    """``(module, None)``, or ``(None, why)`` after a single warning. Runs once per process."""
+    return _find_or_build()
+
+
+def extension() -> ModuleType:
+    """The loaded extension module; raises RuntimeError with the reason when it is unavailable."""
+    module, reason = load()
+    if module is None:
+        raise RuntimeError(f"the C++ CPU backend is unavailable: {reason}")
+    return module
+
+
+def unavailable_reason() -> str | None:
+    """Why the extension cannot be used, or None when it can (builds it on first call)."""
+    return load()[1]
