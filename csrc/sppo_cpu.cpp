@@ -29,7 +29,6 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <ATen/ThreadLocalState.h>
 
 #include <omp.h>
 
@@ -228,19 +227,24 @@ struct Grads {
 // its current tile. h: [n, H] chunk rows (compute dtype); z: an [n, vt] view, unit column stride; w_t: [vt, H].
 // ---------------------------------------------------------------------------------------------------------------
 
-// Runs fn(item, thread) for item in [0, count) on torch's intra-op threads (dynamic schedule), each thread with
-// the caller's thread-local state (grad mode, ...). ATen calls inside run single-threaded (nested parallelism is
-// off); the first exception is rethrown after the loop.
+// Runs fn(item, thread) for item in [0, count) on torch's intra-op thread count (dynamic schedule). Workers get
+// the caller's grad and inference modes and nothing else of its thread-local state: copying all of it (saved-tensor
+// hooks are Python objects) would need the GIL, which the caller may hold -- a deadlock under ZeRO-3 or activation
+// checkpointing. ATen calls inside run single-threaded (nested parallelism is off); the first exception is
+// rethrown after the loop.
 template <typename F>
 void parallel_items(int64_t count, const F& fn) {
-  const at::ThreadLocalState state;
+  const bool grad_mode = at::GradMode::is_enabled();
+  const bool inference_mode = c10::InferenceMode::is_enabled();
+  const int threads = at::get_num_threads();
   std::exception_ptr error;
   std::atomic<bool> failed{false};
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t i = 0; i < count; ++i) {
     if (failed.load()) continue;
     try {
-      const at::ThreadLocalStateGuard guard(state);
+      const c10::InferenceMode inference_guard(inference_mode);
+      const at::AutoGradMode grad_guard(grad_mode);
       fn(i, omp_get_thread_num());
     } catch (...) {
       if (!failed.exchange(true)) error = std::current_exception();
@@ -584,8 +588,11 @@ std::vector<Tensor> backward(const Tensor& hidden, const Tensor& weight, const s
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sppo_kernels' fused lm-head log-prob kernels for the CPU (csrc/sppo_cpu.cpp)";
-  m.def("forward", &forward, "logps, lse (and the seeded gradient) of the kept token rows");
-  m.def("backward", &backward, "dh, dw, db for a per-sequence upstream gradient, by recomputation");
+  // The GIL is released while the kernels run: other Python threads go on, and nothing here needs Python.
+  m.def("forward", &forward, "logps, lse (and the seeded gradient) of the kept token rows",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &backward, "dh, dw, db for a per-sequence upstream gradient, by recomputation",
+        py::call_guard<py::gil_scoped_release>());
   m.def("num_threads", [] { return at::get_num_threads(); }, "the intra-op thread count the kernels use");
   m.def("source_hash", [] { return std::string(SPPO_STRINGIFY(SPPO_SOURCE_HASH)); }, "hash of the built source");
 }

@@ -460,3 +460,32 @@ def test_import_without_compiler_never_builds_or_crashes(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "1"
     assert not any(Path(tmp_path).iterdir())
+
+
+@needs_extension
+def test_two_threads_under_python_saved_tensor_hooks_and_inference_mode():
+    """Regression: workers once copied the caller's whole thread-local state, incl. Python saved-tensor hooks
+    (ZeRO-3, activation checkpointing), which needs the GIL the caller held: a deadlock with >= 2 threads.
+    Run in a subprocess with a timeout so a regression fails instead of hanging the suite."""
+    script = textwrap.dedent(
+        """
+        import torch, sppo_kernels as sk
+        torch.set_num_threads(2)
+        torch.manual_seed(0)
+        h = torch.randn(4, 40, 32, requires_grad=True)
+        w = torch.randn(3000, 32, requires_grad=True)
+        y = torch.randint(0, 3000, (4, 40))
+        ref, p = torch.full((4,), -300.0), torch.tensor([0.2, 0.4, 0.6, 0.8])
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            loss = sk.sppo_loss(h, w, y, ref, p, backend="cpu")
+            logps = sk.sequence_logprobs(h, w, y, backend="cpu")
+        (loss + logps.sum()).backward()
+        with torch.inference_mode():
+            frozen = sk.sequence_logprobs(h, w, y, backend="cpu")
+        torch.testing.assert_close(frozen, logps.detach())
+        print("ok", torch.isfinite(h.grad).all().item(), torch.isfinite(w.grad).all().item())
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["ok", "True", "True"]
