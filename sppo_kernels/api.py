@@ -12,63 +12,21 @@ from sppo_kernels.reference import reference_sequence_logprobs, sppo_epilogue
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _prepare(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    *,
-    bias: Tensor | None,
-    cu_seqlens: Tensor | None,
-    ignore_index: int,
-    shift: bool,
-    backend: str,
-) -> tuple[TokenRows, str]:
-    """Validated token rows and the backend that will run on them."""
+def _prepare(hidden: Tensor, weight: Tensor, labels: Tensor, backend: str, options: dict) -> tuple[TokenRows, str]:
+    """Validated token rows and the backend that will run on them. options: the lm-head keyword arguments."""
+    check_options(softcap=options["softcap"], temperature=options["temperature"])
     rows = prepare_rows(
-        hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index, shift=shift
-    )
+        hidden, weight, labels, bias=options["bias"], cu_seqlens=options["cu_seqlens"],
+        ignore_index=options["ignore_index"], shift=options["shift"],
+    )  # fmt: skip
     return rows, resolve_backend(backend, hidden.device)
 
 
-def _logprobs(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    *,
-    bias: Tensor | None,
-    cu_seqlens: Tensor | None,
-    ignore_index: int,
-    softcap: float | None,
-    temperature: float,
-    shift: bool,
-    backend: str,
-    prepared: tuple[TokenRows, str] | None = None,
-) -> tuple[Tensor, TokenRows]:
-    rows, chosen = prepared or _prepare(
-        hidden,
-        weight,
-        labels,
-        bias=bias,
-        cu_seqlens=cu_seqlens,
-        ignore_index=ignore_index,
-        shift=shift,
-        backend=backend,
-    )
-    if chosen == "torch":
-        logps = reference_sequence_logprobs(
-            hidden,
-            weight,
-            labels,
-            bias=bias,
-            cu_seqlens=cu_seqlens,
-            ignore_index=ignore_index,
-            softcap=softcap,
-            temperature=temperature,
-            shift=shift,
-        )
-    else:
-        logps = fused_sequence_logprobs(chosen, rows, weight, bias, softcap, temperature)
-    return logps, rows
+def _logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, rows: TokenRows, backend: str, options: dict) -> Tensor:
+    """Per-sequence log-probs [B] on a resolved backend."""
+    if backend == "torch":
+        return reference_sequence_logprobs(hidden, weight, labels, **options)
+    return fused_sequence_logprobs(backend, rows, weight, options["bias"], options["softcap"], options["temperature"])
 
 
 def sequence_logprobs(
@@ -91,20 +49,10 @@ def sequence_logprobs(
     ``softcap(h·Wᵀ + b) / temperature``. Returns [B] float32 (float64 for float64 inputs), differentiable with
     respect to hidden, weight and bias.
     """
-    check_options(softcap=softcap, temperature=temperature)
-    logps, _ = _logprobs(
-        hidden,
-        weight,
-        labels,
-        bias=bias,
-        cu_seqlens=cu_seqlens,
-        ignore_index=ignore_index,
-        softcap=softcap,
-        temperature=temperature,
-        shift=shift,
-        backend=backend,
-    )
-    return logps
+    options = {"bias": bias, "cu_seqlens": cu_seqlens, "ignore_index": ignore_index, "softcap": softcap,
+               "temperature": temperature, "shift": shift}  # fmt: skip
+    rows, chosen = _prepare(hidden, weight, labels, backend, options)
+    return _logprobs(hidden, weight, labels, rows, chosen, options)
 
 
 def sppo_loss(
@@ -134,17 +82,9 @@ def sppo_loss(
     check_options(softcap=softcap, temperature=temperature, eta=eta)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    prepared = _prepare(
-        hidden,
-        weight,
-        labels,
-        bias=bias,
-        cu_seqlens=cu_seqlens,
-        ignore_index=ignore_index,
-        shift=shift,
-        backend=backend,
-    )
-    rows, chosen = prepared
+    options = {"bias": bias, "cu_seqlens": cu_seqlens, "ignore_index": ignore_index, "softcap": softcap,
+               "temperature": temperature, "shift": shift}  # fmt: skip
+    rows, chosen = _prepare(hidden, weight, labels, backend, options)
     ref = check_sequence_values("ref_logps", ref_logps, rows, probability=False)
     probs = check_sequence_values("target_probs", target_probs, rows, probability=True)
     if chosen == "cpu":  # separable loss: the C++ backend forms its gradient in the forward, no logits recompute
@@ -152,19 +92,7 @@ def sppo_loss(
 
         loss, logps = cpu_sppo_loss(rows, weight, bias, softcap, temperature, ref, probs, float(eta), reduction)
     else:
-        logps, _ = _logprobs(
-            hidden,
-            weight,
-            labels,
-            bias=bias,
-            cu_seqlens=cu_seqlens,
-            ignore_index=ignore_index,
-            softcap=softcap,
-            temperature=temperature,
-            shift=shift,
-            backend=backend,
-            prepared=prepared,
-        )
+        logps = _logprobs(hidden, weight, labels, rows, chosen, options)
         loss = sppo_epilogue(logps, ref.to(logps.dtype), probs.to(logps.dtype), float(eta), reduction)
     return (loss, logps) if return_logps else loss
 
