@@ -58,7 +58,7 @@ class Config:
     providers: list[str | Provider] | None = None
     warmup: int = 1
     repeats: int | None = None
-    budget_s: float = 2.0
+    budget_s: float = 1.0
     seed: int = 0
     isolate: bool = True
     timeout_s: float = 1200.0
@@ -304,7 +304,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--device", default="cuda" if cuda else "cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     ap.add_argument("--providers", type=_csv(str), help=f"comma-separated subset of: {', '.join(PROVIDERS)}")
-    ap.add_argument("--repeats", type=int, help="timed iterations (default: fit ~2 s per size, 3..25)")
+    ap.add_argument("--repeats", type=int, help="timed iterations (default: fit ~1 s per size, 3..25)")
     ap.add_argument("--warmup", type=int, help="untimed iterations first (default: 1 on CPU, 3 on CUDA)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for JSON, PNG, logs (%(default)s)")
     ap.add_argument(
