@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-import sppo_kernels as sk
 from sppo_kernels.integrations import hf
 from sppo_kernels.pipeline import chat, targets
 from sppo_kernels.pipeline.errors import PipelineError
@@ -26,7 +25,6 @@ from sppo_kernels.pipeline.modeling import (
     ModelOptions,
     default_device,
     default_dtype,
-    head_hidden,
     load_causal_lm,
     pad_batch,
 )
@@ -76,11 +74,9 @@ def tokenize_targets(rows: Sequence[dict[str, Any]], tokenizer: Any, options: Re
 def sequence_logps(
     model: Any, rows: Sequence[dict[str, Any]], pad_id: int, device: torch.device, backend: str = "auto"
 ) -> list[float]:
-    """Summed response log-probs (float) of ``rows`` under ``model``, via ``sk.sequence_logprobs``."""
+    """Summed response log-probs (float) of ``rows`` under ``model``, via :func:`hf.reference_logprobs`."""
     input_ids, mask, labels = pad_batch(rows, pad_id, device)
-    hidden = head_hidden(model, input_ids, mask)
-    weight, bias = hf.lm_head_params(model)
-    logps = sk.sequence_logprobs(hidden, weight, labels, bias=bias, softcap=hf.logit_softcap(model), backend=backend)
+    logps = hf.reference_logprobs(model, input_ids, mask, labels, backend=backend)
     return logps.float().cpu().tolist()
 
 
