@@ -1,4 +1,5 @@
-"""Backward kernel: recompute a logits tile, form its gradient, and push it into dH, dW and db.
+"""Backward kernel of the first design (``TritonConfig(backward="atomic")``, kept for the GPU A/B measurement):
+recompute a logits tile, form its gradient, and push it into dH, dW and db with float32 atomics.
 
 Grid: (row blocks, vocabulary blocks). Program (i, j) recomputes the [BLOCK_N, BLOCK_V] logits of compacted
 rows i and vocabulary block j, turns them into
@@ -7,7 +8,8 @@ rows i and vocabulary block j, turns them into
 
 and accumulates, one BLOCK_K slice of the hidden size at a time, dH[rows] += dA·W[block] and
 dW[block] += dAᵀ·H[rows] with float32 atomics, and db[block] += Σ_rows dA. g_row is the upstream gradient of
-the row's sequence. Nothing of size N×V is stored: the tile lives in registers.
+the row's sequence. Nothing of size N×V is stored: the tile lives in registers. The atomics use the default
+``acq_rel`` semantics and their order varies run to run: results are not bitwise reproducible.
 """
 
 import triton
@@ -21,9 +23,9 @@ def logit_backward_kernel(
     hidden_ptr,  # [N, H] input dtype
     weight_ptr,  # [V, H] input dtype
     bias_ptr,  # [V] input dtype (unused without HAS_BIAS)
-    row_index_ptr,  # [N] int32: compacted row -> hidden row
-    row_target_ptr,  # [N] int32
-    n_valid_ptr,  # [1] int32
+    row_index_ptr,  # [N] int64: compacted row -> hidden row
+    row_target_ptr,  # [N] int64
+    n_valid_ptr,  # [1] int64
     lse_ptr,  # [N] float32, per compacted row
     row_grad_ptr,  # [N] float32, per compacted row: upstream gradient of its sequence
     grad_hidden_ptr,  # [N, H] float32, zero-initialised, indexed by hidden row

@@ -1,4 +1,5 @@
-"""Shared device functions: one [BLOCK_N, BLOCK_V] tile of transformed logits, recomputed from H and W."""
+"""Shared device functions: one [BLOCK_N, BLOCK_V] tile of transformed logits recomputed from H and W, and the
+grouped order in which programs visit (row block, column block) tiles."""
 
 import triton
 import triton.language as tl
@@ -10,6 +11,18 @@ def tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def grouped_tile(tile, num_row_blocks, num_col_blocks, GROUP_N: tl.constexpr):
+    """(row block, column block) of linear tile id ``tile``, visiting GROUP_N row blocks × every column block per
+    group, row blocks fastest: tiles that run at the same time share their W columns (consecutive ids read the
+    same W tile) and their H rows stay within GROUP_N row blocks, so both are served from L2."""
+    per_group = GROUP_N * num_col_blocks
+    first = (tile // per_group) * GROUP_N
+    rows_in_group = tl.minimum(num_row_blocks - first, GROUP_N)
+    local = tile % per_group
+    return first + local % rows_in_group, local // rows_in_group
 
 
 @triton.jit
@@ -39,7 +52,8 @@ def logit_tile(
     """Logits z = softcap(h·Wᵀ + b)·inv_temperature of a tile, float32 [BLOCK_N, BLOCK_V].
 
     rows: [BLOCK_N] int64 hidden-row indices; offs_v: [BLOCK_V] vocabulary ids. Also returns dz/da, the factor
-    that carries a logit gradient back through the soft-cap and temperature (a = h·Wᵀ + b).
+    that carries a logit gradient back through the soft-cap and temperature (a = h·Wᵀ + b); callers that do not
+    use it pay nothing (dead code).
     """
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)

@@ -1,28 +1,32 @@
 """Forward kernel: per-row log-sum-exp and target logit over one split of the vocabulary.
 
-Grid: (row blocks, vocabulary splits). Program (i, s) takes BLOCK_N compacted rows (only rows that score a
-token; the first ``n_valid`` rows of ``row_index``) and streams its split of the vocabulary in BLOCK_V tiles,
-keeping an online max/sum in registers. It writes, per row, ``lse_part[s, row]`` and ``target_part[s, row]``
-(the target's logit if the target lies in this split, else 0); the host side combines the splits.
-Rows at or past ``n_valid`` are neither computed nor written.
+Rows come gathered: the first ``n_valid`` rows of ``hidden`` are the rows that score a token, contiguous, so a
+row tile is a dense [BLOCK_N, BLOCK_K] block. ``n_valid`` stays on the device (no host synchronisation), so the
+grid is persistent: a fixed number of programs walks the ``cdiv(n_valid, BLOCK_N) × num_splits`` work items,
+which are counted on the device, in the grouped order of :func:`grouped_tile` (L2 reuse of W and H). Rows that
+score nothing cost no program at all.
+
+A work item (row block i, split s) streams its split of the vocabulary in BLOCK_V tiles, keeping an online
+max/sum in registers, and writes per row ``lse_part[s, row]`` and ``target_part[s, row]`` (the target's logit if
+the target lies in this split, else 0). The host side merges the splits; rows at or past ``n_valid`` are never
+written. No atomics.
 """
 
 import triton
 import triton.language as tl
 
-from sppo_kernels.kernels.logit_tile import logit_tile
+from sppo_kernels.kernels.logit_tile import grouped_tile, logit_tile
 
 
 @triton.jit
 def lse_forward_kernel(
-    hidden_ptr,  # [N, H] input dtype
+    hidden_ptr,  # [N, H] input dtype; the first n_valid rows are the scored ones
     weight_ptr,  # [V, H] input dtype
     bias_ptr,  # [V] input dtype (unused without HAS_BIAS)
-    row_index_ptr,  # [N] int32: compacted row -> hidden row
-    row_target_ptr,  # [N] int32: compacted row -> vocabulary id
-    n_valid_ptr,  # [1] int32: number of compacted rows
-    lse_part_ptr,  # [SPLITS, N] float32
-    target_part_ptr,  # [SPLITS, N] float32
+    target_ptr,  # [N] int64: vocabulary id of each gathered row
+    n_valid_ptr,  # [1] int64: number of scored rows
+    lse_part_ptr,  # [num_splits, N] float32
+    target_part_ptr,  # [num_splits, N] float32
     N,
     V,
     H,
@@ -32,23 +36,25 @@ def lse_forward_kernel(
     stride_wh,
     softcap,
     inv_temperature,
+    num_splits,
     v_blocks_per_split,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    GROUP_N: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_valid = tl.load(n_valid_ptr)
-    if pid_n * BLOCK_N < n_valid:
+    n_valid = tl.load(n_valid_ptr).to(tl.int32)
+    row_blocks = tl.cdiv(n_valid, BLOCK_N)
+    for item in range(tl.program_id(0), row_blocks * num_splits, tl.num_programs(0)):
+        pid_n, pid_s = grouped_tile(item, row_blocks, num_splits, GROUP_N)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = offs_n < n_valid
-        rows = tl.load(row_index_ptr + offs_n, mask=row_mask, other=0).to(tl.int64)
-        target = tl.load(row_target_ptr + offs_n, mask=row_mask, other=-1)
+        rows = offs_n.to(tl.int64)
+        target = tl.load(target_ptr + offs_n, mask=row_mask, other=-1).to(tl.int32)
 
         running_max = tl.full((BLOCK_N,), float("-inf"), tl.float32)
         running_sum = tl.zeros((BLOCK_N,), tl.float32)
