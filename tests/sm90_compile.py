@@ -1,66 +1,155 @@
-"""Compile every Triton kernel, in every GPU configuration, for an H100 (sm_90) on a machine with no GPU.
+"""Compile the Triton kernels for an H100/H200 (sm_90) exactly as the JIT would at the benchmark presets, on a
+machine with no GPU, and report what the hardware would run.
 
-Triton lowers to PTX and runs its bundled ptxas without a driver, so this catches what the interpreter never
-does: ``tl.dot`` shape limits, unsupported ops, shared memory over the per-block limit, register spills.
-Run as a script (TRITON_INTERPRET must be unset); prints one JSON line per compiled kernel.
+Faithful, not hand-typed: the backend's own host code runs on ``meta`` tensors of the preset's real shapes
+(no memory, no device) with every kernel launch captured instead of executed, so each kernel gets the real
+launch arguments, block configuration, grid and options. Each captured call then goes through the JIT's own
+binder (``triton.runtime.jit`` specialisation: integers equal to 1 become constexprs, pointers and integers
+divisible by 16 get ``tt.divisibility = 16``), ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` and the
+bundled ptxas. No driver is needed.
+
+Reported per kernel: shared memory, registers, spill bytes, wgmma count, whether the K loop is software-pipelined
+(async copies or TMA in the TTGIR) and how many shared-memory buffers it cycles through, and the atomics left in
+the PTX with their semantics.
+
+    python tests/sm90_compile.py [--quick] [--markdown]     (TRITON_INTERPRET must be unset)
+
+``--quick``: bfloat16 at both presets (the suite's check); default: bfloat16, float16 and float32. One JSON line
+per compiled kernel; ``--markdown`` also prints the table for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when unset; 1 = its (and 3.6's) default
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 from sppo_kernels.autograd import fused_triton
-from sppo_kernels.kernels.logit_backward import logit_backward_kernel
-from sppo_kernels.kernels.lse_forward import lse_forward_kernel
+from sppo_kernels.kernels import exp_workspace, logit_backward, logit_grad, lse_forward
 
-TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-INPUT_POINTERS = ("hidden_ptr", "weight_ptr", "bias_ptr")
-FLOAT_SCALARS = ("softcap", "inv_temperature")
+TARGET = GPUTarget("cuda", 90, 32)
+SMS = 132  # H100 SXM and H200
+SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
+KERNELS = {
+    "lse_forward_kernel": lse_forward.lse_forward_kernel,
+    "logit_grad_kernel": logit_grad.logit_grad_kernel,
+    "logit_backward_kernel": logit_backward.logit_backward_kernel,
+    "exp_tile_kernel": exp_workspace.exp_tile_kernel,
+    "grad_from_exp_kernel": exp_workspace.grad_from_exp_kernel,
+}
+# Kernels on a path that must keep tensor cores, a pipelined K loop and no spills for 16-bit inputs. The atomic
+# backward is the old design kept for the A/B measurement: reported, only held to the shared-memory limit.
+MATMUL_KERNELS = ("lse_forward_kernel", "logit_grad_kernel", "exp_tile_kernel")
 
 
-def compile_for_sm90(kernel, dtype: torch.dtype, constexprs: dict) -> dict:
-    names = kernel.arg_names
-    signature = {}
-    for name in names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in INPUT_POINTERS:
-            signature[name] = "*" + TRITON_TYPES[dtype]
-        elif name.endswith("index_ptr") or name.endswith("target_ptr") or name == "n_valid_ptr":
-            signature[name] = "*i32"
-        elif name.endswith("_ptr"):
-            signature[name] = "*fp32"
-        else:
-            signature[name] = "fp32" if name in FLOAT_SCALARS else "i32"
-    source = ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    cfg = fused_triton.block_config("forward" if kernel is lse_forward_kernel else "backward", dtype)
-    compiled = triton.compile(
-        source,
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-    )
-    registers, spill_bytes = ptxas_usage(compiled.asm["ptx"], compiled.metadata.name)
-    return {
-        "kernel": kernel.__name__,
-        "dtype": TRITON_TYPES[dtype],
-        "shared_bytes": compiled.metadata.shared,
-        "registers": registers,
-        "spill_bytes": spill_bytes,
-        **{k: v for k, v in constexprs.items() if k.startswith("HAS") or k.startswith("NEED")},
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    hidden: int
+    vocab: int
+    softcap: float | None
+    tokens: int = 8192
+    seq_len: int = 1024
+
+
+PRESETS = (Preset("llama3-8b", 4096, 128256, None), Preset("gemma2-9b", 3584, 256000, 30.0))
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@contextlib.contextmanager
+def captured_launches(n_scored: int, seq_len: int):
+    """Record every kernel launch instead of running it; the host reads of the scored-row count and sequence
+    starts (the only host synchronisations) return ``n_scored`` rows in sequences of ``seq_len``."""
+    calls: list[tuple[str, tuple, dict, tuple]] = []
+    saved = {name: kernel.run for name, kernel in KERNELS.items()}
+    patched = {
+        "count": fused_triton._Rows.count,
+        "host_starts": fused_triton._Rows.host_starts,
+        "num_programs": fused_triton.num_programs,
     }
+
+    def recorder(name):
+        def run(*args, grid, warmup, **kwargs):
+            calls.append((name, args, kwargs, tuple(grid)))
+
+        return run
+
+    for name, kernel in KERNELS.items():
+        kernel.run = recorder(name)
+    fused_triton._Rows.count = lambda self: n_scored
+    fused_triton._Rows.host_starts = lambda self: [min(b * seq_len, n_scored) for b in range(self.num_seqs + 1)]
+    fused_triton.num_programs = lambda device, programs_per_sm=1: SMS * programs_per_sm
+    try:
+        yield calls
+    finally:
+        for name, kernel in KERNELS.items():
+            kernel.run = saved[name]
+        fused_triton._Rows.count = patched["count"]
+        fused_triton._Rows.host_starts = patched["host_starts"]
+        fused_triton.num_programs = patched["num_programs"]
+
+
+def preset_launches(preset: Preset, dtype: torch.dtype, config=None) -> list[tuple[str, tuple, dict, tuple]]:
+    """Every kernel launch of one forward, one chunked backward, one atomic backward and one fused SPPO forward
+    at ``preset`` (all rows scored, sequences of seq_len rows), captured from the backend's own host code."""
+    config = config or fused_triton.TritonConfig()
+    meta = {"device": "meta"}
+    n, seqs = preset.tokens, preset.tokens // preset.seq_len
+    hidden = torch.empty(n, preset.hidden, dtype=dtype, **meta)
+    weight = torch.empty(preset.vocab, preset.hidden, dtype=dtype, **meta)
+    targets = torch.zeros(n, dtype=torch.long, **meta)
+    seq_ids = torch.zeros(n, dtype=torch.long, **meta)
+    options = fused_triton._kernel_options(hidden, None, preset.softcap, 1.0, config)
+    needs = (True, True, False)
+
+    class Objective:
+        def grad_coefficients(self):
+            return torch.zeros(seqs, dtype=torch.float64, **meta), torch.zeros(seqs, dtype=torch.float64, **meta)
+
+    with captured_launches(n, preset.seq_len) as calls:
+        rows = fused_triton._Rows(targets, seq_ids, seqs)
+        _, lse = fused_triton._forward(hidden, weight, None, rows, options, config)
+        grads = torch.zeros(seqs, **meta)
+        fused_triton._backward(hidden, weight, None, rows, lse, grads, needs, options, config)
+        atomic = fused_triton.TritonConfig(backward="atomic")
+        fused_triton._backward(hidden, weight, None, rows, lse, grads, needs, options, atomic)
+        fused = fused_triton._fused_forward(hidden, weight, None, rows, Objective(), needs, options, config)
+        assert fused is not None, "the fused path fell back: a preset sequence does not fit its workspace"
+    return calls
+
+
+def compile_call(name: str, args: tuple, kwargs: dict):
+    """triton.compile of one captured launch, specialised by the JIT's own binder for sm_90."""
+    kernel = KERNELS[name]
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(kwargs, debug=False)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+
+
+def specialization_key(name: str, args: tuple, kwargs: dict) -> tuple:
+    kernel = KERNELS[name]
+    binder = create_function_from_signature(kernel.signature, kernel.params, make_backend(TARGET))
+    _, specialization, _ = binder(*args, **dict(kwargs, debug=False))
+    return name, repr(specialization), repr(sorted((k, str(v)) for k, v in kwargs.items()))
 
 
 def ptxas_usage(ptx: str, name: str) -> tuple[int, int]:
@@ -78,27 +167,108 @@ def ptxas_usage(ptx: str, name: str) -> tuple[int, int]:
     return registers, spills
 
 
-def main() -> None:
-    """All dtypes × bias × soft-cap; ``--quick``: float32 and bfloat16 with bias and soft-cap only."""
+def pipelining(ttgir: str) -> tuple[int, int, int]:
+    """(async copies, TMA loads, buffers) of the TTGIR: buffers = the depth of the deepest multi-buffered shared
+    allocation the K loop's loads cycle through (num_stages for wgmma kernels, num_stages − 1 for FMA dots)."""
+    async_copies = len(re.findall(r"ttg\.async_copy_global_to_local", ttgir))
+    tma = len(re.findall(r"async_tma_copy_global_to_local|tt\.descriptor_load|async_tma_gather", ttgir))
+    depths = [int(d) for d in re.findall(r"ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)]
+    return async_copies, tma, max(depths, default=1 if async_copies or tma else 0)
+
+
+def atomics(ptx: str) -> dict[str, int]:
+    """PTX atomic/reduction instructions by full opcode (semantics included), e.g. atom.global.gpu.acq_rel.add.f32."""
+    found: dict[str, int] = {}
+    for op in re.findall(r"^\s*(?:@%p\d+\s+)?((?:atom|red)\.[\w.]+)", ptx, flags=re.M):
+        found[op] = found.get(op, 0) + 1
+    return found
+
+
+def report(preset: Preset, dtype_name: str, name: str, args: tuple, kwargs: dict, grid: tuple) -> dict:
+    start = time.time()
+    compiled = compile_call(name, args, kwargs)
+    ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
+    registers, spills = ptxas_usage(ptx, compiled.metadata.name)
+    async_copies, tma, stages = pipelining(ttgir)
+    tiles = "×".join(str(kwargs[k]) for k in ("BLOCK_N", "BLOCK_R", "BLOCK_V", "BLOCK_K") if k in kwargs)
+    return {
+        "preset": preset.name,
+        "dtype": dtype_name,
+        "kernel": name,
+        "tiles": tiles,
+        "num_warps": kwargs.get("num_warps", 4),  # the JIT defaults
+        "num_stages": kwargs.get("num_stages", 3),
+        "grid": list(grid),
+        "shared_bytes": compiled.metadata.shared,
+        "registers": registers,
+        "spill_bytes": spills,
+        "wgmma": ttgir.count("ttng.warp_group_dot "),
+        "async_copies": async_copies,
+        "tma_loads": tma,
+        "buffers": stages,
+        "atomics": atomics(ptx),
+        "compile_s": round(time.time() - start, 1),
+    }
+
+
+def problems(entry: dict) -> list[str]:
+    """Why a compiled kernel fails the suite's check (empty when it passes)."""
+    out = []
+    if entry["shared_bytes"] > SHARED_LIMIT:
+        out.append(f"shared memory {entry['shared_bytes']} > {SHARED_LIMIT}")
+    if entry["dtype"] != "fp32" and entry["kernel"] in MATMUL_KERNELS:
+        if entry["wgmma"] == 0:
+            out.append("no wgmma (ttng.warp_group_dot)")
+        if entry["async_copies"] + entry["tma_loads"] == 0 or entry["buffers"] < 2:
+            out.append("K loop not software-pipelined")
+        if entry["spill_bytes"] > 0:
+            out.append(f"{entry['spill_bytes']} bytes of register spills")
+        if entry["atomics"]:
+            out.append(f"atomics on the default path: {entry['atomics']}")
+    return out
+
+
+def markdown(entries: list[dict]) -> str:
+    lines = [
+        "| preset | dtype | kernel | tiles, warps, stages | grid | shared B | regs | spills B | wgmma "
+        "| pipelined K loop | atomics |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in entries:
+        piped = f"{e['buffers']} buffers, cp.async" if e["async_copies"] else "—"
+        if e["tma_loads"]:
+            piped = f"{e['buffers']} buffers, TMA"
+        atoms = ", ".join(f"{k} ×{v}" for k, v in e["atomics"].items()) or "none"
+        lines.append(
+            f"| {e['preset']} | {e['dtype']} | `{e['kernel']}` | {e['tiles']}, {e['num_warps']}, {e['num_stages']} "
+            f"| {'×'.join(map(str, e['grid']))} | {e['shared_bytes']} | {e['registers']} | {e['spill_bytes']} "
+            f"| {e['wgmma']} | {piped} | {atoms} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
     assert os.environ.get("TRITON_INTERPRET") != "1", "compile with the interpreter off"
-    quick = "--quick" in sys.argv[1:]
-    flags = ((True, True),) if quick else tuple(itertools.product((False, True), (False, True)))
-    dtypes = (torch.float32, torch.bfloat16) if quick else tuple(TRITON_TYPES)
-    for dtype, (has_bias, has_softcap) in itertools.product(dtypes, flags):
-        options = fused_triton._kernel_options(torch.empty(0, dtype=dtype), None, None, 1.0)
-        common = {
-            "HAS_BIAS": has_bias,
-            "HAS_SOFTCAP": has_softcap,
-            "UPCAST_DOT": False,
-            "DOT_PRECISION": options["DOT_PRECISION"],
-        }
-        for kernel, kind in ((lse_forward_kernel, "forward"), (logit_backward_kernel, "backward")):
-            cfg = fused_triton.block_config(kind, dtype)
-            constexprs = common | {"BLOCK_N": cfg.block_n, "BLOCK_V": cfg.block_v, "BLOCK_K": cfg.block_k}
-            if kernel is logit_backward_kernel:
-                constexprs |= {"NEED_GRAD_HIDDEN": True, "NEED_GRAD_WEIGHT": True, "NEED_GRAD_BIAS": has_bias}
-            print(json.dumps(compile_for_sm90(kernel, dtype, constexprs)), flush=True)
+    assert not fused_triton.INTERPRETING
+    dtypes = ("bf16",) if "--quick" in argv else tuple(DTYPES)
+    entries, failures = [], []
+    for dtype_name in dtypes:
+        for preset in PRESETS:
+            seen = set()
+            for name, args, kwargs, grid in preset_launches(preset, DTYPES[dtype_name]):
+                key = specialization_key(name, args, kwargs)
+                if key in seen:
+                    continue
+                seen.add(key)
+                entry = report(preset, dtype_name, name, args, kwargs, grid)
+                entry["problems"] = problems(entry)
+                failures += entry["problems"]
+                entries.append(entry)
+                print(json.dumps(entry), flush=True)
+    if "--markdown" in argv:
+        print(markdown(entries))
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

@@ -1,4 +1,5 @@
-"""The GPU configurations compile for an H100 (sm_90) even on a machine without a GPU."""
+"""The Triton kernels compile for an H100/H200 (sm_90) as the JIT would specialise them at the benchmark presets,
+even on a machine without a GPU, and keep what makes them fast (tests/sm90_compile.py; full table by script)."""
 
 from __future__ import annotations
 
@@ -11,21 +12,26 @@ from pathlib import Path
 
 import pytest
 
-H100_SHARED_BYTES_PER_BLOCK = 232448
+MATMUL_KERNELS = {"lse_forward_kernel", "logit_grad_kernel", "exp_tile_kernel"}
+ALL_KERNELS = MATMUL_KERNELS | {"logit_backward_kernel", "grad_from_exp_kernel"}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_kernels_compile_for_sm90_within_shared_memory():
+def test_bf16_kernels_compile_faithfully_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), env.get("PYTHONPATH")]))
     script = Path(__file__).with_name("sm90_compile.py")
-    done = subprocess.run(
-        [sys.executable, str(script), "--quick"], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([sys.executable, str(script), "--quick"], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
     reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert {(r["kernel"], r["dtype"]) for r in reports} == {
-        (k, d) for k in ("lse_forward_kernel", "logit_backward_kernel") for d in ("fp32", "bf16")
-    }
-    for report in reports:
-        assert 0 < report["shared_bytes"] <= H100_SHARED_BYTES_PER_BLOCK, report
-        assert report["registers"] <= 255, report
+    assert {(r["preset"], r["kernel"]) for r in reports} == {
+        (p, k) for p in ("llama3-8b", "gemma2-9b") for k in ALL_KERNELS
+    }, done.stderr[-3000:]
+    for r in reports:
+        assert r["problems"] == [], r  # shared memory, and for the matmul kernels: wgmma, pipelining, no spills
+        if r["kernel"] in MATMUL_KERNELS:
+            assert r["wgmma"] > 0 and r["buffers"] >= 2 and r["spill_bytes"] == 0 and not r["atomics"], r
+        assert r["registers"] <= 255, r
+    atomic = [r for r in reports if r["kernel"] == "logit_backward_kernel"]
+    assert all(any(op.startswith("atom.") for op in r["atomics"]) for r in atomic)  # the old design, for the A/B
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -66,10 +66,10 @@ GPU_CONFIGS = {
     ("backward", 2): BlockConfig(128, 128, 64, 8, 3, 8),
     ("atomic", 2): BlockConfig(64, 128, 64, 8, 2, 8),
     ("fused", 2): BlockConfig(128, 128, 64, 8, 3, 8),
-    ("forward", 4): BlockConfig(64, 64, 32, 4, 2, 16),
-    ("backward", 4): BlockConfig(64, 64, 32, 4, 2, 8),
+    ("forward", 4): BlockConfig(128, 64, 32, 8, 3, 16),
+    ("backward", 4): BlockConfig(128, 64, 32, 8, 3, 8),
     ("atomic", 4): BlockConfig(64, 128, 32, 8, 2, 8),
-    ("fused", 4): BlockConfig(64, 64, 32, 4, 2, 8),
+    ("fused", 4): BlockConfig(128, 64, 32, 8, 3, 8),
 }
 ELEMENTWISE_ROWS = {True: 16, False: 32}  # grad_from_exp_kernel rows per program (interpreting, GPU)
 
@@ -224,6 +224,10 @@ class _Rows:
             self._event.synchronize()
             return int(self._host_count)
         return int(self.n_valid)
+
+    def host_starts(self) -> list[int]:
+        """``starts`` on the host (one synchronisation)."""
+        return self.starts.tolist()
 
     def sequence_sums(self, row_values: Tensor) -> Tensor:
         """[B] float32 sums of per-gathered-row values [N] (0 past n_valid), by an fp64 prefix sum: deterministic
@@ -433,7 +437,7 @@ def _fused_forward(hidden, weight, bias, rows: _Rows, objective: Objective, need
     vocab = weight.shape[0]
     device, dtype = hidden.device, hidden.dtype
     need_h, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
-    starts_host = rows.starts.tolist()
+    starts_host = rows.host_starts()
     n = starts_host[-1]
     max_rows = fused_chunk_rows(vocab, hidden.element_size(), config.fused_workspace_bytes)
     plan = _sequence_chunks(starts_host, max_rows)
@@ -482,7 +486,7 @@ def _fused_forward(hidden, weight, bias, rows: _Rows, objective: Objective, need
         grad_from_exp_kernel[(triton.cdiv(m, block_r), tiles)](
             workspace, tile_max, lse, row_grad, targets, target_logit, r0, m, vocab,
             workspace.stride(0), tile_max.stride(0), options["softcap"], options["inv_temperature"],
-            HAS_SOFTCAP=options["HAS_SOFTCAP"], BLOCK_R=block_r, BLOCK_V=cfg.block_v,
+            HAS_SOFTCAP=options["HAS_SOFTCAP"], BLOCK_R=block_r, BLOCK_V=cfg.block_v, num_warps=4,
         )  # fmt: skip
         grad_a = workspace[:m]
         if need_h:

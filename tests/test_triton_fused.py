@@ -1,0 +1,138 @@
+"""The Triton backend's fused SPPO loss (gradient formed in the forward from an exp(z − m) workspace of whole
+sequences, 6NHV) against the float64 reference: reductions, several workspace chunks, the fallback for sequences
+too long for the workspace, upstream gradients it cannot reuse, low precision, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from core_cases import DEVICE, make_case
+from triton_cases import (
+    assert_within_plain_error,
+    errors,
+    objective,
+    plain_torch,
+    run_reference,
+    run_triton,
+)
+
+from sppo_kernels.autograd import fused_triton
+from sppo_kernels.autograd.fused_triton import TritonConfig, TritonSPPOLoss
+from sppo_kernels.backends import triton_unavailable_reason
+from sppo_kernels.inputs import prepare_rows
+
+pytestmark = pytest.mark.skipif(triton_unavailable_reason(DEVICE) is not None, reason="triton cannot run here")
+
+
+def fused_config(vocab: int, item_size: int, rows: int, **kw) -> TritonConfig:
+    """A fused-loss config whose workspace holds ``rows`` rows of the vocabulary."""
+    return TritonConfig(fused_sppo_loss=True, fused_workspace_bytes=rows * vocab * item_size, poison=True, **kw)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Records whether each TritonSPPOLoss forward took the fused path (True) or fell back (False)."""
+    calls = []
+    original = fused_triton._fused_forward
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fused_triton, "_fused_forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("workspace_rows", [21, 1000], ids=["chunk-per-sequence", "one-chunk"])
+def test_fused_loss_fp32_matches_reference(reduction, workspace_rows, fused_calls):
+    case = make_case(batch=4, seed=20)
+    config = fused_config(case.weight.shape[0], 4, workspace_rows)
+    got = run_triton(case, torch.float32, config, loss=reduction, function="loss")
+    errs = errors(got, run_reference(case, loss=reduction))
+    assert all(err <= 1e-4 for err in errs.values()), errs
+    assert fused_calls == [True]
+
+
+@pytest.mark.parametrize("variant", [{"packed": True, "seed": 21}, {"softcap": None, "bias": False, "seed": 22},
+                                     {"batch": 5, "length": 9, "width": 19, "vocab": 67, "seed": 23}])  # fmt: skip
+def test_fused_loss_layouts(variant, fused_calls):
+    case = make_case(**variant)
+    got = run_triton(case, torch.float32, fused_config(case.weight.shape[0], 4, 21), function="loss")
+    errs = errors(got, run_reference(case))
+    assert all(err <= 1e-4 for err in errs.values()), errs
+    assert fused_calls == [True]
+
+
+def test_sequence_longer_than_the_workspace_falls_back(fused_calls):
+    case = make_case(seed=24)
+    got = run_triton(case, torch.float32, fused_config(case.weight.shape[0], 4, 3), function="loss")
+    errs = errors(got, run_reference(case))
+    assert all(err <= 1e-4 for err in errs.values()), errs
+    assert fused_calls == [False]
+
+
+def test_gradient_through_logps_and_loss_recomputes():
+    """An upstream gradient on logps as well as on the loss is not what the forward formed: recomputed, exact."""
+    case = make_case(batch=3, seed=25)
+    params = case.params(torch.float32)
+    rows = prepare_rows(params["hidden"], params["weight"], case.labels.to(DEVICE), bias=params["bias"],
+                        cu_seqlens=None, ignore_index=-100, shift=True)  # fmt: skip
+    config = fused_config(case.weight.shape[0], 4, 1000)
+    args = (rows.hidden, params["weight"], params["bias"], rows.targets, rows.seq_ids, rows.num_seqs, case.softcap,
+            case.temperature, config)  # fmt: skip
+    loss, logps = TritonSPPOLoss.apply(*args, objective(case), True)
+    (3.0 * loss + (logps * torch.tensor([0.5, -1.0, 2.0])).sum()).backward()
+
+    ref = case.params(torch.float64, torch.device("cpu"))
+    from sppo_kernels.reference import reference_sequence_logprobs
+
+    ref_logps = reference_sequence_logprobs(ref["hidden"], ref["weight"], bias=ref["bias"],
+                                            **case.options(torch.device("cpu")))  # fmt: skip
+    ref_loss = objective(case)(ref_logps)
+    (3.0 * ref_loss + (ref_logps * torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)).sum()).backward()
+    for name in ("hidden", "weight", "bias"):
+        err = (params[name].grad.double() - ref[name].grad).abs().max() / ref[name].grad.abs().max()
+        assert err < 1e-4, (name, float(err))
+
+
+def test_scaled_upstream_reuses_the_formed_gradient(fused_calls):
+    case = make_case(seed=26)
+    base = run_triton(case, torch.float32, fused_config(case.weight.shape[0], 4, 1000), function="loss")
+    params = case.params(torch.float32)
+    rows = prepare_rows(params["hidden"], params["weight"], case.labels.to(DEVICE), bias=params["bias"],
+                        cu_seqlens=None, ignore_index=-100, shift=True)  # fmt: skip
+    loss, _ = TritonSPPOLoss.apply(rows.hidden, params["weight"], params["bias"], rows.targets, rows.seq_ids,
+                                   rows.num_seqs, case.softcap, case.temperature,
+                                   fused_config(case.weight.shape[0], 4, 1000), objective(case), True)  # fmt: skip
+    (0.25 * loss).backward()
+    for name in ("hidden", "weight", "bias"):
+        torch.testing.assert_close(params[name].grad, 0.25 * base[name], rtol=1e-6, atol=0)
+    assert fused_calls == [True, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_low_precision_within_plain_torch_error(dtype):
+    case = make_case(seed=27)
+    want = run_reference(case)
+    got = run_triton(case, dtype, fused_config(case.weight.shape[0], 2, 21), function="loss")
+    assert got["hidden"].dtype == got["weight"].dtype == dtype
+    assert_within_plain_error(errors(got, want), errors(plain_torch(case, dtype), want))
+
+
+def test_fused_loss_is_bitwise_deterministic():
+    case = make_case(seed=28)
+    config = fused_config(case.weight.shape[0], 2, 21)
+    first, second = (run_triton(case, torch.bfloat16, config, function="loss") for _ in range(2))
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_sequence_chunks():
+    assert fused_triton._sequence_chunks([0, 3, 5, 9], 4) == [(0, 1), (1, 2), (2, 3)]
+    assert fused_triton._sequence_chunks([0, 3, 5, 9], 5) == [(0, 2), (2, 3)]
+    assert fused_triton._sequence_chunks([0, 3, 5, 9], 9) == [(0, 3)]
+    assert fused_triton._sequence_chunks([0, 3, 3, 3, 7], 4) == [(0, 3), (3, 4)]  # empty sequences ride along
+    assert fused_triton._sequence_chunks([0, 0, 0], 4) == []
+    assert fused_triton._sequence_chunks([0, 3, 9], 5) is None

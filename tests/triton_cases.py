@@ -1,0 +1,111 @@
+"""Helpers of the Triton backend's own tests: run its autograd Functions on a core test case and measure errors
+against the float64 reference and against plain low-precision torch."""
+
+from __future__ import annotations
+
+import torch
+from core_cases import DEVICE, Case, rel_err
+from torch import Tensor
+
+from sppo_kernels.autograd.fused_triton import TritonConfig, TritonSequenceLogprobs, TritonSPPOLoss
+from sppo_kernels.inputs import prepare_rows
+from sppo_kernels.reference import reference_sequence_logprobs, sppo_epilogue
+
+ETA = 2.0  # keeps loss gradients O(1), so relative errors of all parameters are comparable
+
+
+class SPPOObjective:
+    """The SPPO loss as a separable objective: ``(logp_s − ref_s − eta(p_s − ½))²`` reduced, and the affine
+    coefficients of its gradient in logp_s for an upstream gradient of 1."""
+
+    def __init__(self, ref: Tensor, probs: Tensor, eta: float, reduction: str) -> None:
+        self.ref, self.probs, self.eta, self.reduction = ref, probs, eta, reduction
+
+    def __call__(self, logps: Tensor) -> Tensor:
+        return sppo_epilogue(logps, self.ref.to(logps), self.probs.to(logps), self.eta, self.reduction)
+
+    def grad_coefficients(self) -> tuple[Tensor, Tensor]:
+        shifted = self.ref.double() + self.eta * (self.probs.double() - 0.5)
+        slope = torch.full_like(shifted, 2.0 / shifted.numel() if self.reduction == "mean" else 2.0)
+        return slope, -slope * shifted
+
+
+def objective(case: Case, reduction: str = "mean") -> SPPOObjective:
+    return SPPOObjective(case.ref_logps.to(DEVICE), case.target_probs.to(DEVICE), ETA, reduction)
+
+
+def upstream(out: Tensor, reduction: str) -> Tensor:
+    """The upstream gradient the tests apply: 1 for a reduced loss, a non-uniform ramp per sequence for "none"."""
+    if reduction == "none":
+        return torch.linspace(0.5, 2.0, out.numel(), dtype=out.dtype, device=out.device)
+    return torch.ones_like(out)
+
+
+def run_triton(case: Case, dtype: torch.dtype, config: TritonConfig, *, loss: str | None = "mean",
+               seq_upstream: Tensor | None = None, function: str = "logprobs") -> dict[str, Tensor]:  # fmt: skip
+    """Run the Triton backend on ``case``: ``function="logprobs"`` (TritonSequenceLogprobs, then the loss in torch)
+    or ``"loss"`` (TritonSPPOLoss). ``loss=None`` back-propagates ``seq_upstream`` from the log-probs instead.
+    Returns out, logps and the gradients (as produced, in the parameter dtype)."""
+    params = case.params(dtype)
+    opts = case.options()
+    rows = prepare_rows(params["hidden"], params["weight"], opts["labels"], bias=params["bias"],
+                        cu_seqlens=opts["cu_seqlens"], ignore_index=-100, shift=case.shift)  # fmt: skip
+    args = (rows.hidden, params["weight"], params["bias"], rows.targets, rows.seq_ids, rows.num_seqs,
+            case.softcap, case.temperature, config)  # fmt: skip
+    if function == "loss":
+        out, logps = TritonSPPOLoss.apply(*args, objective(case, loss), True)
+    else:
+        logps = TritonSequenceLogprobs.apply(*args)
+        out = logps if loss is None else objective(case, loss)(logps)
+    grad = seq_upstream.to(out) if loss is None else upstream(out, loss)
+    out.backward(grad)
+    result = {"out": out.detach(), "logps": logps.detach()}
+    result.update({k: v.grad for k, v in params.items() if v is not None})
+    return result
+
+
+def run_reference(case: Case, *, loss: str | None = "mean", seq_upstream: Tensor | None = None) -> dict[str, Tensor]:
+    """The float64 reference of :func:`run_triton`."""
+    params = case.params(torch.float64, torch.device("cpu"))
+    logps = reference_sequence_logprobs(params["hidden"], params["weight"], bias=params["bias"],
+                                        **case.options(torch.device("cpu")))  # fmt: skip
+    if loss is None:
+        out = logps
+        out.backward(seq_upstream.double())
+    else:
+        out = SPPOObjective(case.ref_logps, case.target_probs, ETA, loss)(logps)
+        out.backward(upstream(out, loss))
+    result = {"out": out.detach(), "logps": logps.detach()}
+    result.update({k: v.grad for k, v in params.items() if v is not None})
+    return result
+
+
+def errors(got: dict[str, Tensor], want: dict[str, Tensor]) -> dict[str, float]:
+    return {k: rel_err(got[k], want[k]) for k in want}
+
+
+def plain_torch(case: Case, dtype: torch.dtype, loss: str = "mean") -> dict[str, Tensor]:
+    """What a training script gets from plain torch in ``dtype``: logits in ``dtype``, log-softmax in float32."""
+    params = case.params(dtype, torch.device("cpu"))
+    opts = case.options(torch.device("cpu"))
+    h, w, b, y = params["hidden"], params["weight"], params["bias"], opts["labels"]
+    logits = torch.nn.functional.linear(h, w, b).float()
+    if case.softcap is not None:
+        logits = case.softcap * torch.tanh(logits / case.softcap)
+    logits = logits / case.temperature
+    if case.shift:
+        logits, y = logits[:, :-1], y[:, 1:]
+    keep = y != -100
+    picked = torch.log_softmax(logits, -1).gather(-1, torch.where(keep, y, 0)[..., None]).squeeze(-1)
+    logps = torch.where(keep, picked, 0).sum(-1)
+    out = SPPOObjective(case.ref_logps.float(), case.target_probs.float(), ETA, loss)(logps)
+    out.backward(upstream(out, loss))
+    result = {"out": out.detach(), "logps": logps.detach()}
+    result.update({k: v.grad for k, v in params.items() if v is not None})
+    return result
+
+
+def assert_within_plain_error(ours: dict[str, float], plain: dict[str, float]) -> None:
+    """Low-precision bound: at most 1.5× plain torch's own error in the same dtype, plus 2e-3 of slack."""
+    for name, err in ours.items():
+        assert err <= 1.5 * plain[name] + 2e-3, (name, ours, plain)
