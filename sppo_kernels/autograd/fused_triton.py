@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import triton
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from sppo_kernels.inputs import TokenRows
 from sppo_kernels.kernels.logit_backward import logit_backward_kernel
 from sppo_kernels.kernels.lse_forward import lse_forward_kernel
 
@@ -37,10 +37,17 @@ class BlockConfig:
     num_stages: int = 3
 
 
+@dataclass(frozen=True)
+class TritonConfig:
+    """Options of the ``"triton"`` backend (none yet besides the unused fused-loss switch)."""
+
+    fused_sppo_loss: bool = False
+
+
 # Interpreter tiles are small so that tests exercise several blocks in every dimension at small sizes.
 INTERPRETER_CONFIGS = {"forward": BlockConfig(16, 64, 32, 4, 1), "backward": BlockConfig(16, 64, 32, 4, 1)}
 # Chosen on the CPU from sm_90 compiles (tests/sm90_compile.py): the fewest ptxas spill bytes among a few
-# candidates, not from GPU timings, which issue 7 is to measure.
+# candidates, not from GPU timings.
 GPU_CONFIGS = {
     ("forward", 2): BlockConfig(128, 64, 64, 8, 3),
     ("backward", 2): BlockConfig(64, 128, 64, 8, 2),
@@ -80,7 +87,8 @@ class TritonSequenceLogprobs(torch.autograd.Function):
     """hidden [N, H], weight [V, H], bias [V] | None (fp32/bf16/fp16) → summed log-probs [B] float32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, seq_ids, num_seqs, softcap, temperature):
+    def forward(ctx, hidden, weight, bias, targets, seq_ids, num_seqs, softcap, temperature, config):
+        bias = None if bias is None else bias.contiguous()
         n_rows, width = hidden.shape
         vocab = weight.shape[0]
         valid = targets >= 0
@@ -113,6 +121,7 @@ class TritonSequenceLogprobs(torch.autograd.Function):
         return logps
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logps):
         hidden, weight, bias, row_index, row_target, n_valid, row_seq, in_range, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -143,17 +152,5 @@ class TritonSequenceLogprobs(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
-
-
-def triton_sequence_logprobs(
-    rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, temperature: float
-) -> Tensor:
-    """Per-sequence summed log-probs [B] float32 through :class:`TritonSequenceLogprobs`."""
-    if rows.hidden.dtype == torch.float64:
-        raise TypeError("backend='triton' takes float32, bfloat16 or float16 inputs, not float64")
-    if bias is not None:
-        bias = bias.contiguous()
-    return TritonSequenceLogprobs.apply(
-        rows.hidden, weight, bias, rows.targets, rows.seq_ids, rows.num_seqs, softcap, temperature
-    )
