@@ -86,11 +86,12 @@ def sppo_loss(
     :func:`sequence_logprobs`. reduction: ``"mean"`` over sequences, ``"sum"`` or ``"none"`` ([B]).
     Returns the float32 loss, or ``(loss, policy_logps [B])`` with ``return_logps=True``.
     """
-    eta = check_eta(eta)
+    check_options(softcap=softcap, temperature=temperature, eta=eta)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     rows, head, chosen = _prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
                                   softcap=softcap, temperature=temperature, shift=shift, backend=backend)  # fmt: skip
+    eta = check_eta(eta, rows.num_seqs)
     ref = check_sequence_values("ref_logps", ref_logps, rows, probability=False)
     probs = check_sequence_values("target_probs", target_probs, rows, probability=True)
     loss, logps = chosen.loss_and_logprobs(rows, head, SPPOObjective(ref, probs, eta, reduction))

@@ -47,15 +47,16 @@ class TokenRows:
               (ignored label, last position of a sequence under ``shift=True``).
     seq_ids:  [N] int64, the sequence (0..B-1) each row belongs to.
     num_seqs: B.
-    invalid_seqs: [B] bool, sequences whose result must be NaN (an out-of-range label or malformed
-              ``cu_seqlens`` that the value checks, turned off, did not reject); None when the checks ran.
+    invalid_seqs: [B] bool, sequences whose result must be NaN whatever a backend's arithmetic gives: a scored
+              row or the lm-head holds NaN/Inf, or (value checks off) a label outside [0, V) or malformed
+              ``cu_seqlens``. Computed on the device, without host synchronisation.
     """
 
     hidden: Tensor
     targets: Tensor
     seq_ids: Tensor
     num_seqs: int
-    invalid_seqs: Tensor | None = None
+    invalid_seqs: Tensor
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def _real(name: str, value: object) -> float:
 
 
 def check_options(*, softcap: object, temperature: object, eta: object = None) -> tuple[float | None, float]:
-    """Reject non-positive or non-finite scalar options and options whose logits or loss overflow float32.
+    """Reject non-positive or non-finite scalar options, and a temperature that makes the logits overflow float32.
 
     Returns (softcap, temperature) as Python floats (softcap None when absent).
     """
@@ -86,18 +87,22 @@ def check_options(*, softcap: object, temperature: object, eta: object = None) -
     for name, value in values.items():
         if value is not None and (not math.isfinite(value) or value <= 0):
             raise ValueError(f"{name} must be finite and > 0, got {value}")
-    cap, temp, scale = values["softcap"], values["temperature"], values["eta"]
+    cap, temp = values["softcap"], values["temperature"]
     if 1.0 / temp > FLOAT32_MAX or (cap is not None and cap / temp > FLOAT32_MAX):
         raise ValueError(f"temperature={temp} is so small that the logits overflow float32")
-    if scale is not None and (scale / 2) ** 2 > FLOAT32_MAX:
-        raise ValueError(f"eta={scale} is so large that the SPPO loss overflows float32 (eta must be < 3.6e19)")
     return cap, temp
 
 
-def check_eta(eta: object) -> float:
-    """``eta`` as a float after the checks of :func:`check_options`."""
+def check_eta(eta: object, num_seqs: int) -> float:
+    """``eta`` as a float: finite, > 0, and small enough that the loss of ``num_seqs`` sequences whose log-ratio
+    is within ``eta/2`` of its target cannot overflow float32 (each term is at most eta², their sum B·eta²)."""
     check_options(softcap=None, temperature=1.0, eta=eta)
-    return float(eta)
+    eta = float(eta)
+    if num_seqs * eta**2 > FLOAT32_MAX:
+        limit = math.sqrt(FLOAT32_MAX / num_seqs)
+        raise ValueError(f"eta={eta} is so large that the SPPO loss of {num_seqs} sequences overflows float32 "
+                         f"(eta must be <= {limit:.3g})")  # fmt: skip
+    return eta
 
 
 def _check_tensor(name: str, value: object) -> Tensor:
@@ -166,13 +171,13 @@ def prepare_rows(
         if bool(bad.any()):
             found = int(labels[bad].reshape(-1)[0])
             raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; found {found}")
-        return rows
-    # Unchecked: out-of-range rows score nothing and poison their sequence (no host synchronisation).
+    # Out-of-range rows (value checks off) score nothing; they and non-finite scored rows poison their sequence.
     out_of_range = rows.targets == OUT_OF_RANGE
+    poisoned_row = out_of_range | ((rows.targets >= 0) & ~rows.hidden.isfinite().all(dim=-1))
     invalid = torch.zeros(rows.num_seqs, dtype=torch.bool, device=hidden.device)
-    invalid.index_put_((rows.seq_ids,), out_of_range, accumulate=True)
-    if rows.invalid_seqs is not None:
-        invalid |= rows.invalid_seqs
+    invalid.index_put_((rows.seq_ids,), poisoned_row, accumulate=True)
+    head_finite = weight.isfinite().all() if bias is None else weight.isfinite().all() & bias.isfinite().all()
+    invalid |= rows.invalid_seqs | ~head_finite
     targets = torch.where(out_of_range, -1, rows.targets)
     return TokenRows(rows.hidden, targets, rows.seq_ids, rows.num_seqs, invalid)
 
@@ -200,7 +205,8 @@ def _padded_rows(hidden: Tensor, labels: Tensor, *, ignore_index: int, shift: bo
         labels = torch.cat([labels[:, 1:], labels.new_full((batch, 1), ignore_index)], dim=1)
     targets = _row_targets(labels, ignore_index, vocab).reshape(-1)
     seq_ids = torch.arange(batch, device=hidden.device).repeat_interleave(length)
-    return TokenRows(hidden.reshape(batch * length, width), targets, seq_ids, batch)
+    none_invalid = torch.zeros(batch, dtype=torch.bool, device=hidden.device)
+    return TokenRows(hidden.reshape(batch * length, width), targets, seq_ids, batch, none_invalid)
 
 
 def _packed_rows(
@@ -222,7 +228,6 @@ def _packed_rows(
         raise ValueError("empty batch: hidden has N = 0 tokens")
     cu_seqlens = cu_seqlens.long()
     malformed = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != total) | (cu_seqlens[1:] < cu_seqlens[:-1]).any()
-    invalid = None
     if value_checks_enabled():
         if int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
             raise ValueError(
@@ -231,15 +236,13 @@ def _packed_rows(
         if bool(malformed):
             raise ValueError("cu_seqlens must be non-decreasing")
     batch = cu_seqlens.numel() - 1
-    if not value_checks_enabled():
-        invalid = malformed.expand(batch).clone()
     positions = torch.arange(total, device=hidden.device)
     seq_ids = torch.searchsorted(cu_seqlens[1:], positions, right=True).clamp_(max=batch - 1)
     if shift:
         is_last = positions + 1 == cu_seqlens[1:][seq_ids]
         labels = torch.cat([labels[1:], labels.new_full((1,), ignore_index)])
         labels = torch.where(is_last, ignore_index, labels)
-    return TokenRows(hidden, _row_targets(labels, ignore_index, vocab), seq_ids, batch, invalid)
+    return TokenRows(hidden, _row_targets(labels, ignore_index, vocab), seq_ids, batch, malformed.expand(batch))
 
 
 def check_sequence_values(name: str, value: Tensor, rows: TokenRows, *, probability: bool) -> Tensor:

@@ -90,9 +90,8 @@ class Backend:
 
     def loss_and_logprobs(self, rows: TokenRows, head: LmHead, objective: SPPOObjective) -> tuple[Tensor, Tensor]:
         """``(loss, logps [B])`` of the SPPO objective, through the fused path when the backend has one."""
-        if rows.invalid_seqs is not None:
-            nan_ref = objective.ref_logps.masked_fill(rows.invalid_seqs, float("nan"))
-            objective = dataclasses.replace(objective, ref_logps=nan_ref)
+        nan_ref = objective.ref_logps.masked_fill(rows.invalid_seqs, float("nan"))
+        objective = dataclasses.replace(objective, ref_logps=nan_ref)
         if self.sppo_loss is None or not getattr(self.resolved_config(), "fused_sppo_loss", False):
             logps = self.sequence_logprobs(rows, head)
             return objective(logps), logps
@@ -109,7 +108,8 @@ def _autocast_off(device: torch.device) -> torch.autocast:
 
 
 def _poison(logps: Tensor, rows: TokenRows) -> Tensor:
-    return logps if rows.invalid_seqs is None else logps.masked_fill(rows.invalid_seqs, float("nan"))
+    """NaN for the sequences of ``rows.invalid_seqs`` (no gradient flows through those entries)."""
+    return logps.masked_fill(rows.invalid_seqs, float("nan"))
 
 
 _REGISTRY: dict[str, Backend] = {}

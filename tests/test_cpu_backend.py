@@ -431,6 +431,38 @@ def test_stale_ahead_of_time_build_is_ignored(monkeypatch):
     assert _cpu_extension._ahead_of_time() is None
 
 
+def test_build_folder_is_keyed_by_source_torch_and_python(monkeypatch):
+    """Two environments on one machine (another torch version or installation, another Python) must not share,
+    and so keep evicting, one build folder."""
+    folder = _cpu_extension.build_directory()
+    assert _cpu_extension.source_hash() in folder.name
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+another")
+    assert _cpu_extension.build_directory() != folder
+    monkeypatch.undo()
+    monkeypatch.setattr(_cpu_extension.sysconfig, "get_config_var", lambda name: "cpython-312-x86_64-linux-gnu")
+    assert _cpu_extension.build_directory() != folder
+
+
+@needs_extension
+def test_lock_left_by_a_killed_build_does_not_block_the_next_run():
+    """A build killed mid-compile leaves torch's lock file in the build folder; the next process must not wait on
+    it forever (run in a subprocess with a timeout, so a regression fails instead of hanging the suite)."""
+    module = _cpu_extension.extension()
+    if module.__name__ == _cpu_extension.AOT_MODULE:
+        pytest.skip("the ahead-of-time build is in use; no build folder")
+    stale = Path(module.__file__).parent / "lock"
+    stale.write_text("")
+    script = (
+        "from sppo_kernels import _cpu_extension as c\nc._ahead_of_time = lambda: None\nprint(c.unavailable_reason())"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=150)
+    finally:
+        stale.unlink(missing_ok=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "None"
+
+
 def test_import_without_compiler_never_builds_or_crashes(tmp_path):
     """A fresh process with no compiler: importing builds nothing; "auto" warns once and runs "chunked"."""
     script = textwrap.dedent(

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
+
+from sppo_kernels.autograd.first_order import first_order_backward
 
 TILE_ELEMENTS = 1 << 23
 
@@ -71,7 +72,7 @@ class ChunkedSequenceLogprobs(torch.autograd.Function):
         return logps
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward
     def backward(ctx, grad_logps):
         hidden, weight, bias, rows, y, seq, lse = ctx.saved_tensors
         softcap, temperature, step = ctx.options

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from sppo_kernels._cpu_extension import extension
+from sppo_kernels.autograd.first_order import first_order_backward
 from sppo_kernels.losses import SPPOObjective
 
 
@@ -130,7 +130,7 @@ class CpuSequenceLogprobs(torch.autograd.Function):
         return logps
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward
     def backward(ctx, grad_logps):
         grads = ctx.rows.backward(*ctx.saved_tensors, grad_logps, ctx.needs_input_grad[:3])
         return (*grads, None, None, None, None, None, None)
@@ -158,7 +158,7 @@ class CpuSPPOLoss(torch.autograd.Function):
         return objective(logps), logps
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward
     def backward(ctx, grad_loss, grad_logps):
         nones = (None,) * 8
         formed, ctx.formed = ctx.formed, None  # handed out once; a second backward recomputes

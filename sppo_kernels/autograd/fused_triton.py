@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import triton
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from sppo_kernels.autograd.first_order import first_order_backward
 from sppo_kernels.kernels.logit_backward import logit_backward_kernel
 from sppo_kernels.kernels.lse_forward import lse_forward_kernel
 
@@ -121,7 +121,7 @@ class TritonSequenceLogprobs(torch.autograd.Function):
         return logps
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward
     def backward(ctx, grad_logps):
         hidden, weight, bias, row_index, row_target, n_valid, row_seq, in_range, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
