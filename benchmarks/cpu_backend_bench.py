@@ -36,7 +36,7 @@ from torch import Tensor
 
 import sppo_kernels as sk
 from sppo_kernels.autograd import fused_cpu
-from sppo_kernels.reference import sppo_epilogue
+from sppo_kernels.losses import sppo_epilogue
 
 B, T, H, V = 8, 256, 1024, 32000
 ETA = 1000.0
@@ -72,18 +72,16 @@ def native(hidden, weight, labels, ref, probs) -> Tensor:
 
 
 def cpu(hidden, weight, labels, ref, probs) -> Tensor:
-    fused_cpu.TILING = fused_cpu.Tiling()
     return sk.sppo_loss(hidden, weight, labels, ref, probs, eta=ETA, backend="cpu")
 
 
 def cpu_lean(hidden, weight, labels, ref, probs) -> Tensor:
     """The same with an 8 MiB block: a 255-row sequence no longer fits, so its logits are recomputed."""
-    fused_cpu.TILING = fused_cpu.Tiling(workspace_elements=1 << 21)
-    return sk.sppo_loss(hidden, weight, labels, ref, probs, eta=ETA, backend="cpu")
+    lean = sk.get_backend("cpu", tiling=fused_cpu.Tiling(workspace_elements=1 << 21))
+    return sk.sppo_loss(hidden, weight, labels, ref, probs, eta=ETA, backend=lean)
 
 
 def cpu_logprobs(hidden, weight, labels, ref, probs) -> Tensor:
-    fused_cpu.TILING = fused_cpu.Tiling()
     return sppo_epilogue(sk.sequence_logprobs(hidden, weight, labels, backend="cpu"), ref, probs, ETA, "mean")
 
 

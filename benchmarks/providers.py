@@ -18,8 +18,8 @@ from torch import Tensor
 
 import sppo_kernels as sk
 from benchmarks.workload import IGNORE, Inputs, Problem
-from sppo_kernels.backends import resolve_backend
-from sppo_kernels.reference import sppo_epilogue
+from sppo_kernels.losses import sppo_epilogue
+from sppo_kernels.registry import resolve
 
 LossFn = Callable[[Inputs], Tensor]
 TokenNll = Callable[[Inputs, Problem], Tensor]  # -> [B, T-1] float, 0 where the label is ignored
@@ -258,8 +258,8 @@ def ours_build(backend: str) -> Callable[[Problem], LossFn]:
 def ours_runs(backend: str) -> Callable[[Problem], str | None]:
     def check(problem: Problem) -> str | None:
         try:
-            resolve_backend(backend, problem.torch_device)
-        except ValueError as err:
+            resolve(backend, problem.torch_device, problem.torch_dtype)
+        except (ValueError, TypeError) as err:
             return str(err)
         return None
 
@@ -269,8 +269,8 @@ def ours_runs(backend: str) -> Callable[[Problem], str | None]:
 def ours_notes(backend: str) -> Callable[[Problem], list[str]]:
     def notes(problem: Problem) -> list[str]:
         try:
-            chosen = resolve_backend(backend, problem.torch_device)
-        except ValueError:
+            chosen = resolve(backend, problem.torch_device, problem.torch_dtype).name
+        except (ValueError, TypeError):
             return []
         out = [f"auto → {chosen}"] if backend == "auto" else []
         return out + (interpreter_note(problem) if chosen == "triton" else [])

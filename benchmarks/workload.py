@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 import sppo_kernels as sk
-from sppo_kernels.reference import reference_sequence_logprobs, sppo_epilogue
+from sppo_kernels.losses import sppo_epilogue
+from sppo_kernels.reference import reference_sequence_logprobs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TARGET_KINDS = ("soft", "hard")

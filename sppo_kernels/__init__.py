@@ -5,15 +5,19 @@
 """
 
 from sppo_kernels.api import SPPOLoss, sequence_logprobs, sppo_loss
-from sppo_kernels.backends import BACKENDS
 from sppo_kernels.inputs import set_value_checks
-from sppo_kernels.targets import PAIR_LOSS_TYPES, PairTargets, pair_targets
+from sppo_kernels.losses import PAIR_LOSS_TYPES, PairTargets, pair_targets
+from sppo_kernels.registry import Backend, get_backend, names
+
+BACKENDS = ("auto", *names())
 
 __all__ = [
     "BACKENDS",
     "PAIR_LOSS_TYPES",
+    "Backend",
     "PairTargets",
     "SPPOLoss",
+    "get_backend",
     "pair_targets",
     "sequence_logprobs",
     "set_value_checks",

@@ -2,17 +2,25 @@
 
 Order: the module built ahead of time by ``setup.py`` (``pip install --no-build-isolation -e .``), unless its
 source hash says the source has changed since; else a first-use build with ``torch.utils.cpp_extension.load``
-(ninja + a C++ compiler, cached under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, about a minute
-on 2 cores). Without a toolchain the backend is reported unavailable after one warning; nothing here raises.
+(ninja + a C++ compiler, about a minute on 2 cores). Without a toolchain the backend is reported unavailable after
+one warning; nothing here raises.
+
+The first-use build is cached in a folder of ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)
+named by the source hash, the torch version and installation, and the Python ABI, so environments on one machine
+(venvs, torch builds) never evict each other's build. Builds are serialised by an OS file lock, which the kernel
+releases when a builder dies; a lock file left in the folder by an interrupted build is removed under it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import importlib
 import os
 import shutil
+import sys
+import sysconfig
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -54,17 +62,34 @@ def _toolchain_missing() -> str | None:
     return None
 
 
+def build_directory() -> Path:
+    """The cache folder of this source built against this torch installation and Python ABI."""
+    import torch
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    soabi = sysconfig.get_config_var("SOABI") or sys.implementation.cache_tag
+    where = hashlib.sha256(f"{torch.__version__}|{Path(torch.__file__).resolve().parent}|{soabi}".encode())
+    return Path(root) / f"{JIT_NAME}-{source_hash()}-{where.hexdigest()[:12]}"
+
+
 def _build() -> ModuleType:
-    """Compile (or load the cached build of) the extension with torch's JIT loader."""
+    """Compile (or load the cached build of) the extension with torch's JIT loader, under an OS file lock."""
     from torch.utils import cpp_extension
 
-    return cpp_extension.load(
-        name=JIT_NAME,
-        sources=[str(SOURCE)],
-        extra_cflags=[*CFLAGS, f"-DSPPO_SOURCE_HASH={source_hash()}"],
-        extra_ldflags=LDFLAGS,
-        verbose=False,
-    )
+    folder = build_directory()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
+        # Every builder holds the flock, so torch's own lock file here can only be left by a killed build.
+        (folder / "lock").unlink(missing_ok=True)
+        return cpp_extension.load(
+            name=JIT_NAME,
+            sources=[str(SOURCE)],
+            extra_cflags=[*CFLAGS, f"-DSPPO_SOURCE_HASH={source_hash()}"],
+            extra_ldflags=LDFLAGS,
+            build_directory=str(folder),
+            verbose=False,
+        )
 
 
 def _find_or_build() -> tuple[ModuleType | None, str | None]:

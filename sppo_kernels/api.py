@@ -1,32 +1,39 @@
-"""The public functions and module: per-sequence log-probs and the SPPO loss."""
+"""The public functions and module: per-sequence log-probs and the SPPO loss.
+
+Each call validates its arguments once (:mod:`~sppo_kernels.inputs`), asks the registry once for the backend
+(:mod:`~sppo_kernels.registry`), and hands it the token rows, the lm-head and, for the loss, the objective
+(:mod:`~sppo_kernels.losses`).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from sppo_kernels.backends import BACKENDS, fused_sequence_logprobs, resolve_backend
-from sppo_kernels.inputs import TokenRows, check_options, check_sequence_values, prepare_rows
-from sppo_kernels.reference import reference_sequence_logprobs, sppo_epilogue
-
-REDUCTIONS = ("mean", "sum", "none")
+from sppo_kernels import registry
+from sppo_kernels.inputs import LmHead, TokenRows, check_eta, check_options, check_sequence_values, prepare_rows
+from sppo_kernels.losses import REDUCTIONS, SPPOObjective
 
 
-def _prepare(hidden: Tensor, weight: Tensor, labels: Tensor, backend: str, options: dict) -> tuple[TokenRows, str]:
-    """Validated token rows and the backend that will run on them. options: the lm-head keyword arguments."""
-    check_options(softcap=options["softcap"], temperature=options["temperature"])
-    rows = prepare_rows(
-        hidden, weight, labels, bias=options["bias"], cu_seqlens=options["cu_seqlens"],
-        ignore_index=options["ignore_index"], shift=options["shift"],
-    )  # fmt: skip
-    return rows, resolve_backend(backend, hidden.device)
-
-
-def _logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, rows: TokenRows, backend: str, options: dict) -> Tensor:
-    """Per-sequence log-probs [B] on a resolved backend."""
-    if backend == "torch":
-        return reference_sequence_logprobs(hidden, weight, labels, **options)
-    return fused_sequence_logprobs(backend, rows, weight, options["bias"], options["softcap"], options["temperature"])
+def _prepare(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None,
+    cu_seqlens: Tensor | None,
+    ignore_index: int,
+    softcap: float | None,
+    temperature: float,
+    shift: bool,
+    backend: str | registry.Backend,
+) -> tuple[TokenRows, LmHead, registry.Backend]:
+    """Validated token rows, the lm-head, and the backend that will run on them."""
+    softcap, temperature = check_options(softcap=softcap, temperature=temperature)
+    rows = prepare_rows(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
+                        shift=shift)  # fmt: skip
+    chosen = registry.resolve(backend, hidden.device, hidden.dtype)
+    return rows, LmHead(weight, bias, softcap, temperature), chosen
 
 
 def sequence_logprobs(
@@ -40,19 +47,19 @@ def sequence_logprobs(
     softcap: float | None = None,
     temperature: float = 1.0,
     shift: bool = True,
-    backend: str = "auto",
+    backend: str | registry.Backend = "auto",
 ) -> Tensor:
     """Summed log-probability of each sequence's target tokens under the lm-head, never building N×V logits.
 
     hidden: [B, T, H] (padded, labels [B, T]) or [N, H] (packed, labels [N], cu_seqlens [B+1]);
     float32/bfloat16/float16. weight: [V, H], bias: [V], same dtype. Logits are
     ``softcap(h·Wᵀ + b) / temperature``. Returns [B] float32 (float64 for float64 inputs), differentiable with
-    respect to hidden, weight and bias.
+    respect to hidden, weight and bias. ``backend``: a name of :data:`BACKENDS` or a configured
+    :func:`get_backend`.
     """
-    options = {"bias": bias, "cu_seqlens": cu_seqlens, "ignore_index": ignore_index, "softcap": softcap,
-               "temperature": temperature, "shift": shift}  # fmt: skip
-    rows, chosen = _prepare(hidden, weight, labels, backend, options)
-    return _logprobs(hidden, weight, labels, rows, chosen, options)
+    rows, head, chosen = _prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
+                                  softcap=softcap, temperature=temperature, shift=shift, backend=backend)  # fmt: skip
+    return chosen.sequence_logprobs(rows, head)
 
 
 def sppo_loss(
@@ -70,7 +77,7 @@ def sppo_loss(
     temperature: float = 1.0,
     shift: bool = True,
     reduction: str = "mean",
-    backend: str = "auto",
+    backend: str | registry.Backend = "auto",
     return_logps: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """SPPO loss ``(logp_s − ref_logps_s − eta·(target_probs_s − ½))²`` per sequence, then reduced.
@@ -82,18 +89,12 @@ def sppo_loss(
     check_options(softcap=softcap, temperature=temperature, eta=eta)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    options = {"bias": bias, "cu_seqlens": cu_seqlens, "ignore_index": ignore_index, "softcap": softcap,
-               "temperature": temperature, "shift": shift}  # fmt: skip
-    rows, chosen = _prepare(hidden, weight, labels, backend, options)
+    rows, head, chosen = _prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
+                                  softcap=softcap, temperature=temperature, shift=shift, backend=backend)  # fmt: skip
+    eta = check_eta(eta, rows.num_seqs)
     ref = check_sequence_values("ref_logps", ref_logps, rows, probability=False)
     probs = check_sequence_values("target_probs", target_probs, rows, probability=True)
-    if chosen == "cpu":  # separable loss: the C++ backend forms its gradient in the forward, no logits recompute
-        from sppo_kernels.autograd.fused_cpu import cpu_sppo_loss
-
-        loss, logps = cpu_sppo_loss(rows, weight, bias, softcap, temperature, ref, probs, float(eta), reduction)
-    else:
-        logps = _logprobs(hidden, weight, labels, rows, chosen, options)
-        loss = sppo_epilogue(logps, ref.to(logps.dtype), probs.to(logps.dtype), float(eta), reduction)
+    loss, logps = chosen.loss_and_logprobs(rows, head, SPPOObjective(ref, probs, eta, reduction))
     return (loss, logps) if return_logps else loss
 
 
@@ -108,14 +109,14 @@ class SPPOLoss(torch.nn.Module):
         temperature: float = 1.0,
         shift: bool = True,
         reduction: str = "mean",
-        backend: str = "auto",
+        backend: str | registry.Backend = "auto",
     ) -> None:
         super().__init__()
         check_options(softcap=softcap, temperature=temperature, eta=eta)
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if not isinstance(backend, registry.Backend) and backend != "auto":
+            registry.get_backend(backend)  # raises for an unknown name
         self.eta, self.ignore_index, self.softcap = eta, ignore_index, softcap
         self.temperature, self.shift, self.reduction, self.backend = temperature, shift, reduction, backend
 
@@ -148,7 +149,8 @@ class SPPOLoss(torch.nn.Module):
         )
 
     def extra_repr(self) -> str:
+        backend = self.backend if isinstance(self.backend, str) else self.backend.name
         return (
             f"eta={self.eta}, softcap={self.softcap}, temperature={self.temperature}, shift={self.shift}, "
-            f"reduction={self.reduction!r}, backend={self.backend!r}"
+            f"reduction={self.reduction!r}, backend={backend!r}"
         )

@@ -1,7 +1,8 @@
-"""The plain, materialising implementation: the ``"torch"`` backend and the tests' fp64 reference.
+"""The plain float64 reference that every backend is tested against (tests, benchmarks' error columns).
 
-Written to be obviously right rather than fast: it builds the full [L, V] logits of every sequence, in float64
-when the inputs are float64 and in float32 otherwise, and reads the labels straight from the caller's layout.
+Written to be obviously right rather than fast, and independent of the op's input handling: it builds the full
+[L, V] logits of every sequence, in float64 when the inputs are float64 and in float32 otherwise, and reads the
+labels straight from the caller's layout (padded or packed, shifted or not).
 """
 
 from __future__ import annotations
@@ -54,13 +55,3 @@ def reference_sequence_logprobs(
         picked = logp.gather(-1, torch.where(keep, y, 0).long().unsqueeze(-1)).squeeze(-1)
         out.append(torch.where(keep, picked, 0).sum())
     return torch.stack(out)
-
-
-def sppo_epilogue(logps: Tensor, ref_logps: Tensor, target_probs: Tensor, eta: float, reduction: str) -> Tensor:
-    """``(logps − ref_logps − eta·(target_probs − ½))²`` per sequence, then reduced; all [B]."""
-    losses = (logps - ref_logps - eta * (target_probs - 0.5)).square()
-    if reduction == "mean":
-        return losses.mean()
-    if reduction == "sum":
-        return losses.sum()
-    return losses

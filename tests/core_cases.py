@@ -7,19 +7,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sppo_kernels.backends import cpu_unavailable_reason, triton_unavailable_reason
+from sppo_kernels import registry
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def runnable_backends() -> list[str]:
-    """Every non-"auto" backend that can run on this machine's test device."""
-    names = ["torch", "chunked"]
-    if triton_unavailable_reason(DEVICE) is None:
-        names.append("triton")
-    if cpu_unavailable_reason(DEVICE) is None and DEVICE.type == "cpu":
-        names.append("cpu")
-    return names
+    """Every registered backend that can run float32 on this machine's test device (new backends join here)."""
+    backends = [registry.get_backend(name) for name in registry.names()]
+    return [b.name for b in backends if b.unavailable_reason(DEVICE, torch.float32) is None]
 
 
 def nonzero_randn(*shape: int, generator: torch.Generator, scale: float = 1.0) -> Tensor:

@@ -7,7 +7,8 @@ import torch
 from core_cases import DEVICE, Case, make_case, rel_err, runnable_backends
 
 import sppo_kernels as sk
-from sppo_kernels.reference import reference_sequence_logprobs, sppo_epilogue
+from sppo_kernels.losses import sppo_epilogue
+from sppo_kernels.reference import reference_sequence_logprobs
 
 BACKENDS = runnable_backends()
 VARIANTS = {

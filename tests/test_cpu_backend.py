@@ -26,7 +26,7 @@ from test_core_backends import ETA, backend_grads, plain_low_precision_errors, r
 
 import sppo_kernels as sk
 from sppo_kernels import _cpu_extension
-from sppo_kernels.backends import cpu_unavailable_reason, resolve_backend, triton_unavailable_reason
+from sppo_kernels.registry import cpu_unavailable_reason, resolve, triton_unavailable_reason
 
 CPU = torch.device("cpu")
 UNAVAILABLE = cpu_unavailable_reason(CPU)
@@ -43,25 +43,24 @@ TILINGS = {
 }
 
 
-def set_tiling(rows: int, cols: int, vocab: int) -> None:
-    """Make every pass of fused_cpu cut ``rows`` rows per chunk and ``cols`` columns per tile at ``vocab``."""
-    fused_cpu.TILING = fused_cpu.Tiling(rows * vocab, chunk_rows=rows, tile_elements=rows * cols, max_tile_cols=cols)
-    assert fused_cpu.TILING.block(vocab) == fused_cpu.TILING.chunk(vocab) == (rows, min(cols, vocab))
+def poisoned(tiling: fused_cpu.Tiling | None = None) -> sk.Backend:
+    """The "cpu" backend with ``tiling`` (default: the default tiling) and every buffer the C++ returns starting
+    as NaN, so any element it fails to write fails the comparison."""
+    return sk.get_backend("cpu", poison=True, **({} if tiling is None else {"tiling": tiling}))
 
 
-@pytest.fixture(autouse=True)
-def _poisoned_outputs(monkeypatch):
-    """Every buffer the C++ returns starts as NaN, so any element it fails to write fails the comparison."""
-    if UNAVAILABLE is None:
-        monkeypatch.setattr(fused_cpu, "POISON", True)
-        monkeypatch.setattr(fused_cpu, "TILING", fused_cpu.Tiling())
+def tiled(rows: int, cols: int, vocab: int) -> sk.Backend:
+    """The poisoned "cpu" backend cutting every pass into ``rows`` rows per chunk and ``cols`` columns per tile."""
+    tiling = fused_cpu.Tiling(rows * vocab, chunk_rows=rows, tile_elements=rows * cols, max_tile_cols=cols)
+    assert tiling.block(vocab) == tiling.chunk(vocab) == (rows, min(cols, vocab))
+    return poisoned(tiling)
 
 
-def errors_against_reference(case, dtype=torch.float32, **kw) -> dict[str, float]:
-    """Relative errors (loss or log-probs, log-probs, gradients) of backend "cpu" against float64 (NaN: unwritten
+def errors_against_reference(case, backend: sk.Backend, dtype=torch.float32, **kw) -> dict[str, float]:
+    """Relative errors (loss or log-probs, log-probs, gradients) of a "cpu" backend against float64 (NaN: unwritten
     or non-finite output; compare with ``all(e <= bound ...)``, which fails on NaN, never with ``max``)."""
     ref_out, ref_logps, ref_params = reference_grads(case, **kw)
-    out, logps, params = backend_grads(case, "cpu", dtype, **kw)
+    out, logps, params = backend_grads(case, backend, dtype, **kw)
     errors = {"out": rel_err(out, ref_out), "logps": rel_err(logps, ref_logps)}
     errors.update({name: rel_err(p.grad, ref_params[name].grad) for name, p in params.items() if p is not None})
     return errors
@@ -83,8 +82,8 @@ def errors_against_reference(case, dtype=torch.float32, **kw) -> dict[str, float
 def test_sppo_loss_fp32_matches_reference(tiling, variant, reduction):
     """reduction="none" backpropagates a non-uniform gradient, which takes the recompute path."""
     case = make_case(**variant)
-    set_tiling(*TILINGS[tiling], case.weight.shape[0])
-    errors = errors_against_reference(case, reduction=reduction)
+    cpu = tiled(*TILINGS[tiling], case.weight.shape[0])
+    errors = errors_against_reference(case, cpu, reduction=reduction)
     assert all(e <= 1e-4 for e in errors.values()), errors
 
 
@@ -93,19 +92,19 @@ def test_sppo_loss_fp32_matches_reference(tiling, variant, reduction):
 @pytest.mark.parametrize("packed", [False, True])
 def test_sequence_logprobs_random_upstream(tiling, packed):
     case = make_case(batch=4, packed=packed, seed=3)
-    set_tiling(*TILINGS[tiling], case.weight.shape[0])
+    cpu = tiled(*TILINGS[tiling], case.weight.shape[0])
     upstream = torch.randn(4, generator=torch.Generator().manual_seed(0)) * 3
-    errors = errors_against_reference(case, upstream=upstream)
+    errors = errors_against_reference(case, cpu, upstream=upstream)
     assert all(e <= 1e-4 for e in errors.values()), errors
 
 
 @needs_extension
 def test_default_tiling_with_sequences_longer_than_the_block():
     case = make_case(batch=3, length=230, width=24, vocab=60000, softcap=30.0, fully_masked=False, seed=4)
-    rows, cols = fused_cpu.TILING.block(60000)
+    rows, cols = fused_cpu.Tiling().block(60000)
     scored = [int((y[1:] != -100).sum()) for y in case.labels]
     assert min(scored) <= rows < max(scored) and cols < 60000, (scored, rows, cols)  # both paths, several tiles
-    errors = errors_against_reference(case)
+    errors = errors_against_reference(case, poisoned())
     assert all(e <= 1e-4 for e in errors.values()), errors
 
 
@@ -116,18 +115,18 @@ def test_fitting_and_long_sequences_in_one_batch():
     scored = [int((y[1:] != -100).sum()) for y in case.labels.split(case.cu_seqlens.diff().tolist())]
     rows = sorted(scored)[len(scored) // 2]
     assert min(scored) <= rows < max(scored), scored
-    fused_cpu.TILING = fused_cpu.Tiling(workspace_elements=rows * 150, chunk_rows=5, tile_elements=rows * 17)
+    cpu = poisoned(fused_cpu.Tiling(workspace_elements=rows * 150, chunk_rows=5, tile_elements=rows * 17))
     for reduction in ("mean", "none"):
-        errors = errors_against_reference(case, reduction=reduction)
+        errors = errors_against_reference(case, cpu, reduction=reduction)
         assert all(e <= 1e-4 for e in errors.values()), errors
 
 
 @needs_extension
 def test_float64_inputs_stay_float64():
     case = make_case(seed=5)
-    set_tiling(7, 13, case.weight.shape[0])
+    cpu = tiled(7, 13, case.weight.shape[0])
     _, ref_logps, ref_params = reference_grads(case)
-    _, logps, params = backend_grads(case, "cpu", torch.float64)
+    _, logps, params = backend_grads(case, cpu, torch.float64)
     assert logps.dtype == torch.float64
     assert rel_err(logps, ref_logps) < 1e-12
     assert all(rel_err(p.grad, ref_params[k].grad) < 1e-10 for k, p in params.items())
@@ -137,9 +136,9 @@ def test_float64_inputs_stay_float64():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_plain_torch_error(dtype):
     case = make_case(seed=6)
-    set_tiling(7, 13, case.weight.shape[0])
+    cpu = tiled(7, 13, case.weight.shape[0])
     plain = plain_low_precision_errors(case, dtype)
-    ours = errors_against_reference(case, dtype)
+    ours = errors_against_reference(case, cpu, dtype)
     assert all(ours[k] <= plain[k] + 1e-3 for k in ours), (ours, plain)
 
 
@@ -150,14 +149,14 @@ def test_gradient_formed_in_forward_is_used_only_when_valid(monkeypatch):
     recompute = fused_cpu._Rows.backward
     monkeypatch.setattr(fused_cpu._Rows, "backward", lambda *a: calls.append(1) or recompute(*a))
     case = make_case(seed=7)
-    set_tiling(7, 13, case.weight.shape[0])
+    cpu = tiled(7, 13, case.weight.shape[0])
 
     def run(reduction: str, upstream: torch.Tensor | None, logps_weight: torch.Tensor | None = None):
         params = case.params(torch.float32)
         opts = case.options()
         loss, logps = sk.sppo_loss(params["hidden"], params["weight"], opts.pop("labels"), case.ref_logps.float(),
                                    case.target_probs.float(), eta=ETA, bias=params["bias"], reduction=reduction,
-                                   backend="cpu", return_logps=True, **opts)  # fmt: skip
+                                   backend=cpu, return_logps=True, **opts)  # fmt: skip
         total = (loss * (1.0 if upstream is None else upstream)).sum()
         if logps_weight is not None:
             total = total + (logps * logps_weight).sum()
@@ -185,12 +184,12 @@ def test_gradient_formed_in_forward_is_used_only_when_valid(monkeypatch):
 @needs_extension
 def test_second_backward_recomputes():
     case = make_case(seed=8)
-    set_tiling(7, 13, case.weight.shape[0])
+    cpu = tiled(7, 13, case.weight.shape[0])
     _, _, ref_params = reference_grads(case)
     params = case.params(torch.float32)
     opts = case.options()
     loss = sk.sppo_loss(params["hidden"], params["weight"], opts.pop("labels"), case.ref_logps.float(),
-                        case.target_probs.float(), eta=ETA, bias=params["bias"], backend="cpu", **opts)  # fmt: skip
+                        case.target_probs.float(), eta=ETA, bias=params["bias"], backend=cpu, **opts)  # fmt: skip
     loss.backward(retain_graph=True)
     loss.backward()
     assert all(rel_err(params[k].grad, 2 * ref_params[k].grad) < 1e-4 for k in params)
@@ -200,11 +199,11 @@ def test_second_backward_recomputes():
 def test_frozen_head_and_no_grad():
     """Only hidden needs a gradient (dW is never formed), and under no_grad nothing is."""
     case = make_case(seed=9)
-    set_tiling(7, 13, case.weight.shape[0])
+    cpu = tiled(7, 13, case.weight.shape[0])
     opts = case.options()
     hidden = case.hidden.float().requires_grad_(True)
     args = (hidden, case.weight.float(), opts.pop("labels"), case.ref_logps.float(), case.target_probs.float())
-    kw = {"eta": ETA, "bias": case.bias.float(), "backend": "cpu", **opts}
+    kw = {"eta": ETA, "bias": case.bias.float(), "backend": cpu, **opts}
     with torch.no_grad():
         frozen = sk.sppo_loss(*args, **kw)
     loss = sk.sppo_loss(*args, **kw)
@@ -217,12 +216,12 @@ def test_frozen_head_and_no_grad():
 @needs_extension
 def test_non_contiguous_low_precision_inputs():
     case = make_case(seed=10, vocab=97)
-    set_tiling(7, 13, 97)
+    cpu = tiled(7, 13, 97)
     hidden = case.hidden.bfloat16().transpose(0, 1).contiguous().transpose(0, 1)
     weight = case.weight.bfloat16().t().contiguous().t()
     assert not hidden.is_contiguous() and not weight.is_contiguous()
     opts = case.options()
-    got = sk.sequence_logprobs(hidden, weight, opts.pop("labels"), bias=case.bias.bfloat16(), backend="cpu", **opts)
+    got = sk.sequence_logprobs(hidden, weight, opts.pop("labels"), bias=case.bias.bfloat16(), backend=cpu, **opts)
     want = sk.sequence_logprobs(hidden.double(), weight.double(), case.labels, bias=case.bias.bfloat16().double(),
                                 backend="torch", **opts)  # fmt: skip
     assert rel_err(got, want) < 1e-5  # the same bf16 inputs: float32 accumulation makes the result exact-ish
@@ -236,7 +235,7 @@ def test_fully_masked_batch_writes_zeros():
     opts = case.options()
     labels = torch.full_like(opts.pop("labels"), -100)
     loss, logps = sk.sppo_loss(params["hidden"], params["weight"], labels, case.ref_logps.float(),
-                               case.target_probs.float(), eta=ETA, bias=params["bias"], backend="cpu",
+                               case.target_probs.float(), eta=ETA, bias=params["bias"], backend=poisoned(),
                                return_logps=True, **opts)  # fmt: skip
     loss.backward()
     assert torch.equal(logps, torch.zeros_like(logps))
@@ -247,7 +246,7 @@ def test_fully_masked_batch_writes_zeros():
 @pytest.mark.parametrize("where", ["hidden", "weight"])
 def test_nan_propagates(where):
     case = make_case(seed=12)
-    set_tiling(7, 13, case.weight.shape[0])
+    cpu = tiled(7, 13, case.weight.shape[0])
     params = case.params(torch.float32)
     opts = case.options()
     labels = opts.pop("labels")
@@ -256,11 +255,11 @@ def test_nan_propagates(where):
             params["hidden"][0, -3, 5] = float("nan")  # a scored row of sequence 0 (row -3 predicts row -2)
         else:
             params["weight"][11, 2] = float("nan")
-    logps = sk.sequence_logprobs(params["hidden"], params["weight"], labels, bias=params["bias"], backend="cpu",
+    logps = sk.sequence_logprobs(params["hidden"], params["weight"], labels, bias=params["bias"], backend=cpu,
                                  **opts)  # fmt: skip
     assert not torch.isfinite(logps).all()
     loss = sk.sppo_loss(params["hidden"], params["weight"], labels, case.ref_logps.float(), case.target_probs.float(),
-                        bias=params["bias"], backend="cpu", **opts)  # fmt: skip
+                        bias=params["bias"], backend=cpu, **opts)  # fmt: skip
     assert not torch.isfinite(loss)
     loss.backward()
     assert not torch.isfinite(params["weight"].grad).all()
@@ -269,7 +268,7 @@ def test_nan_propagates(where):
 @needs_extension
 def test_thread_count_is_torchs():
     case = make_case(seed=13)
-    set_tiling(7, 13, case.weight.shape[0])
+    cpu = tiled(7, 13, case.weight.shape[0])
     before = torch.get_num_threads()
     ext = _cpu_extension.extension()
     assert ext.num_threads() == before
@@ -278,7 +277,7 @@ def test_thread_count_is_torchs():
         for threads in (1, 2):
             torch.set_num_threads(threads)
             assert ext.num_threads() == threads
-            results[threads] = backend_grads(case, "cpu", torch.float32)
+            results[threads] = backend_grads(case, cpu, torch.float32)
     finally:
         torch.set_num_threads(before)
     (_, logps1, params1), (_, logps2, params2) = results[1], results[2]
@@ -327,9 +326,9 @@ def test_workspace_bound_and_no_n_by_v_buffer(tmp_path):
 @pytest.mark.skipif(triton_unavailable_reason(CPU) is not None, reason="triton cannot run on CPU tensors here")
 def test_agrees_with_triton_interpreter():
     case = make_case(batch=3, length=14, width=24, vocab=90, seed=14)
-    set_tiling(7, 13, 90)
+    cpu = tiled(7, 13, 90)
     for upstream in (None, torch.tensor([0.4, -2.0, 1.1])):
-        out_c, logps_c, params_c = backend_grads(case, "cpu", torch.float32, upstream=upstream)
+        out_c, logps_c, params_c = backend_grads(case, cpu, torch.float32, upstream=upstream)
         out_t, logps_t, params_t = backend_grads(case, "triton", torch.float32, upstream=upstream)
         assert rel_err(logps_c, logps_t) < 1e-5
         assert rel_err(out_c, out_t) < 1e-5
@@ -357,12 +356,9 @@ def test_agrees_with_triton_interpreter():
 def test_random_shapes_and_tilings(block_rows, chunk_rows, tile_elements, reduction, **kw):
     case = make_case(fully_masked=kw["batch"] > 2, **kw)
     vocab = case.weight.shape[0]
-    fused_cpu.TILING = fused_cpu.Tiling(block_rows * vocab, chunk_rows, tile_elements)
-    try:
-        ref_out, ref_logps, ref_params = reference_grads(case, reduction=reduction)
-        out, logps, params = backend_grads(case, "cpu", torch.float32, reduction=reduction)
-    finally:
-        fused_cpu.TILING = fused_cpu.Tiling()
+    cpu = poisoned(fused_cpu.Tiling(block_rows * vocab, chunk_rows, tile_elements))
+    ref_out, ref_logps, ref_params = reference_grads(case, reduction=reduction)
+    out, logps, params = backend_grads(case, cpu, torch.float32, reduction=reduction)
     scale = max(1.0, ref_logps.abs().max().item())
     assert (logps.double() - ref_logps).abs().max() <= 1e-4 * scale
     assert (out.double() - ref_out).abs().max() <= 1e-4 * max(1.0, ref_out.abs().max().item())
@@ -405,9 +401,9 @@ def _reason_after_one_warning(loader) -> str:
 def test_missing_compiler_is_one_warning(fresh_loader, monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     assert "compiler" in _reason_after_one_warning(fresh_loader)
-    assert resolve_backend("auto", CPU) == "chunked"
+    assert resolve("auto", CPU, torch.float32).name == "chunked"
     with pytest.raises(ValueError, match="compiler"):
-        resolve_backend("cpu", CPU)
+        resolve("cpu", CPU, torch.float32)
 
 
 def test_missing_ninja_is_one_warning(fresh_loader, monkeypatch):
@@ -433,6 +429,38 @@ def test_stale_ahead_of_time_build_is_ignored(monkeypatch):
 
     monkeypatch.setattr(_cpu_extension.importlib, "import_module", lambda name: Stale)
     assert _cpu_extension._ahead_of_time() is None
+
+
+def test_build_folder_is_keyed_by_source_torch_and_python(monkeypatch):
+    """Two environments on one machine (another torch version or installation, another Python) must not share,
+    and so keep evicting, one build folder."""
+    folder = _cpu_extension.build_directory()
+    assert _cpu_extension.source_hash() in folder.name
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+another")
+    assert _cpu_extension.build_directory() != folder
+    monkeypatch.undo()
+    monkeypatch.setattr(_cpu_extension.sysconfig, "get_config_var", lambda name: "cpython-312-x86_64-linux-gnu")
+    assert _cpu_extension.build_directory() != folder
+
+
+@needs_extension
+def test_lock_left_by_a_killed_build_does_not_block_the_next_run():
+    """A build killed mid-compile leaves torch's lock file in the build folder; the next process must not wait on
+    it forever (run in a subprocess with a timeout, so a regression fails instead of hanging the suite)."""
+    module = _cpu_extension.extension()
+    if module.__name__ == _cpu_extension.AOT_MODULE:
+        pytest.skip("the ahead-of-time build is in use; no build folder")
+    stale = Path(module.__file__).parent / "lock"
+    stale.write_text("")
+    script = (
+        "from sppo_kernels import _cpu_extension as c\nc._ahead_of_time = lambda: None\nprint(c.unavailable_reason())"
+    )
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=150)
+    finally:
+        stale.unlink(missing_ok=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "None"
 
 
 def test_import_without_compiler_never_builds_or_crashes(tmp_path):

@@ -18,8 +18,8 @@ from triton_cases import (
 
 from sppo_kernels.autograd import fused_triton
 from sppo_kernels.autograd.fused_triton import TritonConfig, TritonSPPOLoss
-from sppo_kernels.backends import triton_unavailable_reason
 from sppo_kernels.inputs import prepare_rows
+from sppo_kernels.registry import triton_unavailable_reason
 
 pytestmark = pytest.mark.skipif(triton_unavailable_reason(DEVICE) is not None, reason="triton cannot run here")
 
@@ -136,3 +136,22 @@ def test_sequence_chunks():
     assert fused_triton._sequence_chunks([0, 3, 3, 3, 7], 4) == [(0, 3), (3, 4)]  # empty sequences ride along
     assert fused_triton._sequence_chunks([0, 0, 0], 4) == []
     assert fused_triton._sequence_chunks([0, 3, 9], 5) is None
+
+
+def test_public_api_with_a_configured_backend(fused_calls):
+    import sppo_kernels as sk
+
+    case = make_case(seed=29)
+    backend = sk.get_backend("triton", fused_sppo_loss=True, poison=True,
+                             fused_workspace_bytes=21 * case.weight.shape[0] * 4)  # fmt: skip
+    params = case.params(torch.float32)
+    opts = case.options()
+    tensors = (params["hidden"], params["weight"], opts.pop("labels"), case.ref_logps.to(DEVICE),
+               case.target_probs.to(DEVICE))  # fmt: skip
+    loss = sk.sppo_loss(*tensors, eta=2.0, bias=params["bias"], backend=backend, **opts)
+    loss.backward()
+    got = {"out": loss.detach(), **{k: v.grad for k, v in params.items()}}
+    want = run_reference(case)
+    errs = errors(got | {"logps": want["logps"]}, want)
+    assert all(err <= 1e-4 for err in errs.values()), errs
+    assert fused_calls == [True]

@@ -9,25 +9,10 @@ from torch import Tensor
 
 from sppo_kernels.autograd.fused_triton import TritonConfig, TritonSequenceLogprobs, TritonSPPOLoss
 from sppo_kernels.inputs import prepare_rows
-from sppo_kernels.reference import reference_sequence_logprobs, sppo_epilogue
+from sppo_kernels.losses import SPPOObjective
+from sppo_kernels.reference import reference_sequence_logprobs
 
 ETA = 2.0  # keeps loss gradients O(1), so relative errors of all parameters are comparable
-
-
-class SPPOObjective:
-    """The SPPO loss as a separable objective: ``(logp_s − ref_s − eta(p_s − ½))²`` reduced, and the affine
-    coefficients of its gradient in logp_s for an upstream gradient of 1."""
-
-    def __init__(self, ref: Tensor, probs: Tensor, eta: float, reduction: str) -> None:
-        self.ref, self.probs, self.eta, self.reduction = ref, probs, eta, reduction
-
-    def __call__(self, logps: Tensor) -> Tensor:
-        return sppo_epilogue(logps, self.ref.to(logps), self.probs.to(logps), self.eta, self.reduction)
-
-    def grad_coefficients(self) -> tuple[Tensor, Tensor]:
-        shifted = self.ref.double() + self.eta * (self.probs.double() - 0.5)
-        slope = torch.full_like(shifted, 2.0 / shifted.numel() if self.reduction == "mean" else 2.0)
-        return slope, -slope * shifted
 
 
 def objective(case: Case, reduction: str = "mean") -> SPPOObjective:

@@ -1,15 +1,16 @@
 """C++ CPU backend (``csrc/sppo_cpu.cpp``): the autograd Functions around the extension.
 
-- :class:`CpuSequenceLogprobs` (``backend="cpu"`` for :func:`~sppo_kernels.sequence_logprobs`): the forward keeps
-  the per-row log-sum-exp, the backward recomputes the logits tile by tile for any per-sequence upstream gradient
-  (8NHV FLOPs). Workspace: a [rows, cols] float32 tile per thread.
-- :class:`CpuSPPOLoss` (``backend="cpu"`` for :func:`~sppo_kernels.sppo_loss`): the loss is separable per
+- :class:`CpuSequenceLogprobs` (per-sequence log-probs): the forward keeps the per-row log-sum-exp, the backward
+  recomputes the logits tile by tile for any per-sequence upstream gradient (8NHV FLOPs). Workspace: a
+  [rows, cols] float32 tile per thread.
+- :class:`CpuSPPOLoss` (the fused SPPO loss path, ``CpuConfig.fused_sppo_loss``): the loss is separable per
   sequence, so the forward also forms the gradient of the reduced loss from logits it still holds (6NHV FLOPs, no
   recompute). Workspace: a block of whole sequences' logits, [rows, V] float32 (:class:`Tiling`); sequences too
   long for it are recomputed as above. The backward hands out that gradient (scaled) when the upstream gradient
   is a multiple of the one it was formed for, and otherwise recomputes, so any upstream gradient is exact.
 
 Masked rows (target -1) are dropped before any GEMM. Gradients accumulate in float32 (float64 for float64 inputs).
+Both backwards are first-order only (double backward raises).
 """
 
 from __future__ import annotations
@@ -18,14 +19,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from sppo_kernels._cpu_extension import extension
-from sppo_kernels.inputs import TokenRows
-from sppo_kernels.reference import sppo_epilogue
+from sppo_kernels.autograd.first_order import first_order_backward
+from sppo_kernels.losses import SPPOObjective
 
 
-@dataclass
+@dataclass(frozen=True)
 class Tiling:
     """Tile sizes. The SPPO forward packs whole sequences into chunks of at most ``workspace_elements // V`` rows
     and keeps their [rows, V] float32 logits (32 MiB by default: sequences of up to 262 rows at V = 32000, 32 rows
@@ -52,14 +52,20 @@ class Tiling:
         return min(vocab, self.max_tile_cols, max(1, self.tile_elements // rows))
 
 
-TILING = Tiling()
-POISON = False  # tests set this: NaN-fill every output buffer before the C++ writes it
+@dataclass(frozen=True)
+class CpuConfig:
+    """Options of the ``"cpu"`` backend. ``poison`` NaN-fills every output buffer before the C++ writes it (tests
+    use it to catch unwritten elements); ``fused_sppo_loss`` forms the SPPO loss gradient in the forward."""
+
+    tiling: Tiling = Tiling()
+    poison: bool = False
+    fused_sppo_loss: bool = True
 
 
-def workspace_bytes(vocab: int, width: int, dtype: torch.dtype, seeded: bool) -> int:
+def workspace_bytes(vocab: int, width: int, dtype: torch.dtype, seeded: bool, tiling: Tiling = Tiling()) -> int:
     """Upper bound on the scratch bytes the C++ allocates besides its outputs (log-probs, lse, dH) and the dW/db
-    accumulators, with ``torch.get_num_threads()`` threads. seeded: the SPPO forward, which may also run the
-    recomputing passes (for sequences longer than its block); else the plain forward or backward."""
+    accumulators, with ``torch.get_num_threads()`` threads and ``tiling``. seeded: the SPPO forward, which may
+    also run the recomputing passes (for sequences longer than its block); else the plain forward or backward."""
     threads = torch.get_num_threads()
     item = 8 if dtype == torch.float64 else 4
     weight_tile = dtype not in (torch.float32, torch.float64)  # low-precision weight tiles are upcast
@@ -68,8 +74,8 @@ def workspace_bytes(vocab: int, width: int, dtype: torch.dtype, seeded: bool) ->
         logits = -(-vocab // cols) * rows * cols if keep_logits else threads * rows * cols
         return item * (logits + (1 + threads) * rows * width + (threads * cols * width if weight_tile else 0))
 
-    plain = pass_bytes(*TILING.chunk(vocab), keep_logits=False)
-    return max(plain, pass_bytes(*TILING.block(vocab), keep_logits=True)) if seeded else plain
+    plain = pass_bytes(*tiling.chunk(vocab), keep_logits=False)
+    return max(plain, pass_bytes(*tiling.block(vocab), keep_logits=True)) if seeded else plain
 
 
 @dataclass(frozen=True)
@@ -87,11 +93,13 @@ class _Rows:
     poison: bool
 
     @staticmethod
-    def of(targets: Tensor, seq_ids: Tensor, num_seqs: int, vocab: int, softcap: float | None, temperature: float):
+    def of(targets: Tensor, seq_ids: Tensor, num_seqs: int, vocab: int, softcap: float | None, temperature: float,
+           config: CpuConfig) -> _Rows:  # fmt: skip
         rows = (targets >= 0).nonzero().squeeze(1)
         cap = 0.0 if softcap is None else float(softcap)
         kept = (rows, targets.index_select(0, rows), seq_ids.index_select(0, rows))
-        return _Rows(*kept, num_seqs, cap, float(temperature), TILING.block(vocab), TILING.chunk(vocab), POISON)
+        tiling = config.tiling
+        return _Rows(*kept, num_seqs, cap, float(temperature), tiling.block(vocab), tiling.chunk(vocab), config.poison)
 
     def forward(self, hidden, weight, bias, seeds=None, needs=(False, False, False)) -> list:
         """[logps, lse, dh, dw, db]; gradients for seeds = (slope, offset), where ``needs`` asks for them."""
@@ -115,17 +123,17 @@ class CpuSequenceLogprobs(torch.autograd.Function):
     """hidden [N, H], weight [V, H], bias [V] | None → summed log-probs [B] float32 (float64 for float64)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, seq_ids, num_seqs, softcap, temperature):
-        ctx.rows = _Rows.of(targets, seq_ids, num_seqs, weight.shape[0], softcap, temperature)
+    def forward(ctx, hidden, weight, bias, targets, seq_ids, num_seqs, softcap, temperature, config):
+        ctx.rows = _Rows.of(targets, seq_ids, num_seqs, weight.shape[0], softcap, temperature, config)
         logps, lse, *_ = ctx.rows.forward(hidden, weight, bias)
         ctx.save_for_backward(hidden, weight, bias, lse)
         return logps
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward
     def backward(ctx, grad_logps):
         grads = ctx.rows.backward(*ctx.saved_tensors, grad_logps, ctx.needs_input_grad[:3])
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)
 
 
 class CpuSPPOLoss(torch.autograd.Function):
@@ -137,36 +145,32 @@ class CpuSPPOLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, seq_ids, num_seqs, softcap, temperature, ref, probs, eta,
-                reduction, form_grads):  # fmt: skip
+    def forward(ctx, hidden, weight, bias, targets, seq_ids, num_seqs, softcap, temperature, config,
+                objective: SPPOObjective, form_grads: bool):  # fmt: skip
         ctx.set_materialize_grads(False)
-        ctx.rows = _Rows.of(targets, seq_ids, num_seqs, weight.shape[0], softcap, temperature)
-        # d loss / d logp_s = 2 w (logp_s - ref_s - eta (p_s - 1/2)), w = 1/B for "mean": affine in logp_s.
-        ctx.shifted = ref.double() + eta * (probs.double() - 0.5)
-        ctx.weight_per_seq = 1.0 / num_seqs if reduction == "mean" else 1.0
-        ctx.reduction = reduction
+        ctx.rows = _Rows.of(targets, seq_ids, num_seqs, weight.shape[0], softcap, temperature, config)
+        ctx.objective = objective
         needs = ctx.needs_input_grad[:3] if form_grads else (False, False, False)
-        slope = torch.full_like(ctx.shifted, 2.0 * ctx.weight_per_seq)
-        seeds = (slope, -slope * ctx.shifted) if any(needs) else None
+        seeds = objective.grad_coefficients() if any(needs) else None
         logps, lse, *formed = ctx.rows.forward(hidden, weight, bias, seeds, needs)
         ctx.formed = None if seeds is None else formed
         ctx.save_for_backward(hidden, weight, bias, lse, logps)
-        return sppo_epilogue(logps, ref.to(logps.dtype), probs.to(logps.dtype), eta, reduction), logps
+        return objective(logps), logps
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward
     def backward(ctx, grad_loss, grad_logps):
-        nones = (None,) * 10
+        nones = (None,) * 8
         formed, ctx.formed = ctx.formed, None  # handed out once; a second backward recomputes
         if grad_loss is None and grad_logps is None:
             return (None, None, None, *nones)
-        scale = _uniform_scale(grad_loss, ctx.reduction) if grad_logps is None else None
+        scale = _uniform_scale(grad_loss, ctx.objective.reduction) if grad_logps is None else None
         if formed is not None and scale is not None:
             return (*(g if g is None or scale == 1.0 else g.mul_(scale) for g in formed), *nones)
         hidden, weight, bias, lse, logps = ctx.saved_tensors
         grad_seq = torch.zeros_like(logps)
         if grad_loss is not None:
-            grad_seq += (grad_loss.double() * 2.0 * ctx.weight_per_seq * (logps.double() - ctx.shifted)).to(logps)
+            grad_seq += ctx.objective.logps_grad(logps, grad_loss)
         if grad_logps is not None:
             grad_seq += grad_logps.to(logps)
         return (*ctx.rows.backward(hidden, weight, bias, lse, grad_seq, ctx.needs_input_grad[:3]), *nones)
@@ -178,32 +182,3 @@ def _uniform_scale(grad_loss: Tensor, reduction: str) -> float | None:
         return float(grad_loss)
     first = grad_loss.reshape(-1)[:1]
     return float(first) if bool((grad_loss == first).all()) else None
-
-
-def cpu_sequence_logprobs(
-    rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, temperature: float
-) -> Tensor:
-    """Per-sequence summed log-probs [B] through :class:`CpuSequenceLogprobs`."""
-    return CpuSequenceLogprobs.apply(
-        rows.hidden, weight, bias, rows.targets, rows.seq_ids, rows.num_seqs, softcap, temperature
-    )
-
-
-def cpu_sppo_loss(
-    rows: TokenRows,
-    weight: Tensor,
-    bias: Tensor | None,
-    softcap: float | None,
-    temperature: float,
-    ref_logps: Tensor,
-    target_probs: Tensor,
-    eta: float,
-    reduction: str,
-) -> tuple[Tensor, Tensor]:
-    """``(loss, logps [B])`` of the SPPO loss through :class:`CpuSPPOLoss` (ref_logps, target_probs: [B])."""
-    params = (rows.hidden, weight) if bias is None else (rows.hidden, weight, bias)
-    form_grads = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-    return CpuSPPOLoss.apply(
-        rows.hidden, weight, bias, rows.targets, rows.seq_ids, rows.num_seqs, softcap, temperature,
-        ref_logps, target_probs, float(eta), reduction, form_grads,
-    )  # fmt: skip

@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import triton
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from sppo_kernels.inputs import TokenRows
+from sppo_kernels.autograd.first_order import first_order_backward
 from sppo_kernels.kernels.exp_workspace import exp_tile_kernel, grad_from_exp_kernel
 from sppo_kernels.kernels.logit_backward import logit_backward_kernel
 from sppo_kernels.kernels.logit_grad import logit_grad_kernel
 from sppo_kernels.kernels.lse_forward import lse_forward_kernel
+from sppo_kernels.losses import SPPOObjective
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 KERNELS = ("forward", "backward", "atomic", "fused")
@@ -387,6 +386,7 @@ class TritonSequenceLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, seq_ids, num_seqs, softcap, temperature, config):
         config = DEFAULT_CONFIG if config is None else config
         _check_dtypes(hidden, weight, bias)
+        bias = None if bias is None else bias.contiguous()
         rows = _Rows(targets, seq_ids, num_seqs)
         options = _kernel_options(hidden, bias, softcap, temperature, config)
         logps, lse = _forward(hidden, weight, bias, rows, options, config)
@@ -397,22 +397,12 @@ class TritonSequenceLogprobs(torch.autograd.Function):
         return logps
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward
     def backward(ctx, grad_logps):
         hidden, weight, bias, lse = ctx.saved_tensors
         grads = _backward(hidden, weight, bias, ctx.rows, lse, grad_logps, ctx.needs_input_grad[:3], ctx.options,
                           ctx.config)  # fmt: skip
         return (*grads, None, None, None, None, None, None)
-
-
-class Objective(Protocol):
-    """A loss separable over sequences: ``objective(logps [B]) -> loss`` (reduced by its own reduction) and
-    ``grad_coefficients() -> (slope [B], offset [B])`` float64 with d loss/d logp_s = slope_s·logp_s + offset_s
-    for an upstream gradient of 1 on the loss (on each element when it is not reduced)."""
-
-    def __call__(self, logps: Tensor) -> Tensor: ...
-
-    def grad_coefficients(self) -> tuple[Tensor, Tensor]: ...
 
 
 def _sequence_chunks(starts: list[int], max_rows: int) -> list[tuple[int, int]] | None:
@@ -429,7 +419,7 @@ def _sequence_chunks(starts: list[int], max_rows: int) -> list[tuple[int, int]] 
     return [(b0, b1) for b0, b1 in chunks if starts[b1] > starts[b0]]
 
 
-def _fused_forward(hidden, weight, bias, rows: _Rows, objective: Objective, needs, options: dict,
+def _fused_forward(hidden, weight, bias, rows: _Rows, objective: SPPOObjective, needs, options: dict,
                    config: TritonConfig) -> tuple[Tensor, Tensor, tuple] | None:  # fmt: skip
     """(logps [B], lse [N], (dH, dW, db) of the loss for an upstream gradient of 1) by the 6NHV design, or None
     when a sequence is longer than the workspace. One host synchronisation (the sequences' row counts)."""
@@ -514,6 +504,7 @@ class TritonSPPOLoss(torch.autograd.Function):
                 form_grads):  # fmt: skip
         config = DEFAULT_CONFIG if config is None else config
         _check_dtypes(hidden, weight, bias)
+        bias = None if bias is None else bias.contiguous()
         ctx.set_materialize_grads(False)
         rows = _Rows(targets, seq_ids, num_seqs)
         options = _kernel_options(hidden, bias, softcap, temperature, config)
@@ -533,7 +524,7 @@ class TritonSPPOLoss(torch.autograd.Function):
         return objective(logps), logps
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward
     def backward(ctx, grad_loss, grad_logps):
         nones = (None,) * 8
         formed, ctx.formed = ctx.formed, None  # handed out once; a second backward recomputes
@@ -546,10 +537,7 @@ class TritonSPPOLoss(torch.autograd.Function):
                 return (*(g if g is None else g.mul_(scale.to(g.dtype)) for g in formed), *nones)
         grad_seq = torch.zeros_like(logps)
         if grad_loss is not None:
-            with torch.enable_grad():
-                leaf = logps.detach().requires_grad_(True)
-                (seq_grad,) = torch.autograd.grad(ctx.objective(leaf), leaf, grad_loss)
-            grad_seq += seq_grad
+            grad_seq += ctx.objective.logps_grad(logps, grad_loss)
         if grad_logps is not None:
             grad_seq += grad_logps
         grads = _backward(hidden, weight, bias, ctx.rows, lse, grad_seq, ctx.needs_input_grad[:3], ctx.options,
@@ -564,15 +552,3 @@ def _uniform_scale(grad_loss: Tensor) -> Tensor | None:
         return grad_loss.reshape(())
     first = grad_loss.reshape(-1)[0]
     return first if bool((grad_loss == first).all()) else None
-
-
-def triton_sequence_logprobs(
-    rows: TokenRows, weight: Tensor, bias: Tensor | None, softcap: float | None, temperature: float
-) -> Tensor:
-    """Per-sequence summed log-probs [B] float32 through :class:`TritonSequenceLogprobs` (default options).
-    Kept until the backend registry calls the Function itself."""
-    if bias is not None:
-        bias = bias.contiguous()
-    return TritonSequenceLogprobs.apply(
-        rows.hidden, weight, bias, rows.targets, rows.seq_ids, rows.num_seqs, softcap, temperature, DEFAULT_CONFIG
-    )
