@@ -41,7 +41,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from sppo_kernels.autograd import fused_triton
-from sppo_kernels.kernels import exp_workspace, logit_backward, logit_grad, lse_forward
+from sppo_kernels.kernels import exp_workspace, logit_backward, logit_grad, lse_forward, segment_sum
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMS = 132  # H100 SXM and H200
@@ -52,6 +52,7 @@ KERNELS = {
     "logit_backward_kernel": logit_backward.logit_backward_kernel,
     "exp_tile_kernel": exp_workspace.exp_tile_kernel,
     "grad_from_exp_kernel": exp_workspace.grad_from_exp_kernel,
+    "segment_sum_kernel": segment_sum.segment_sum_kernel,
 }
 # Kernels on a path that must keep tensor cores, a pipelined K loop and no spills for 16-bit inputs. The atomic
 # backward is the old design kept for the A/B measurement: reported, only held to the shared-memory limit.
@@ -190,7 +191,7 @@ def report(preset: Preset, dtype_name: str, name: str, args: tuple, kwargs: dict
     ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
     registers, spills = ptxas_usage(ptx, compiled.metadata.name)
     async_copies, tma, stages = pipelining(ttgir)
-    tiles = "×".join(str(kwargs[k]) for k in ("BLOCK_N", "BLOCK_R", "BLOCK_V", "BLOCK_K") if k in kwargs)
+    tiles = "×".join(str(kwargs[k]) for k in ("BLOCK_N", "BLOCK_R", "BLOCK_V", "BLOCK_K", "BLOCK") if k in kwargs)
     return {
         "preset": preset.name,
         "dtype": dtype_name,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 MATMUL_KERNELS = {"lse_forward_kernel", "logit_grad_kernel", "exp_tile_kernel"}
-ALL_KERNELS = MATMUL_KERNELS | {"logit_backward_kernel", "grad_from_exp_kernel"}
+ALL_KERNELS = MATMUL_KERNELS | {"logit_backward_kernel", "grad_from_exp_kernel", "segment_sum_kernel"}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -28,6 +28,7 @@ from sppo_kernels.kernels.exp_workspace import exp_tile_kernel, grad_from_exp_ke
 from sppo_kernels.kernels.logit_backward import logit_backward_kernel
 from sppo_kernels.kernels.logit_grad import logit_grad_kernel
 from sppo_kernels.kernels.lse_forward import lse_forward_kernel
+from sppo_kernels.kernels.segment_sum import segment_sum_kernel
 from sppo_kernels.losses import SPPOObjective
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -71,6 +72,7 @@ GPU_CONFIGS = {
     ("fused", 4): BlockConfig(128, 64, 32, 8, 3, 8),
 }
 ELEMENTWISE_ROWS = {True: 16, False: 32}  # grad_from_exp_kernel rows per program (interpreting, GPU)
+SEGMENT_BLOCK = 256  # segment_sum_kernel rows per step
 
 
 @dataclass(frozen=True)
@@ -228,12 +230,15 @@ class _Rows:
         """``starts`` on the host (one synchronisation)."""
         return self.starts.tolist()
 
-    def sequence_sums(self, row_values: Tensor) -> Tensor:
-        """[B] float32 sums of per-gathered-row values [N] (0 past n_valid), by an fp64 prefix sum: deterministic
-        and exact to float32, unlike a scatter-add."""
-        prefix = torch.zeros(self.num_rows + 1, dtype=torch.float64, device=row_values.device)
-        torch.cumsum(row_values.double(), 0, out=prefix[1:])
-        return (prefix[self.starts[1:]] - prefix[self.starts[:-1]]).float()
+    def sequence_sums(self, row_values: Tensor, first: int = 0, last: int | None = None) -> Tensor:
+        """Float32 sums of per-gathered-row values [>= n_valid] over sequences first..last (default: all):
+        one program per sequence, a fixed summation order (deterministic, unlike a scatter-add or a CUDA
+        cumsum), float64 accumulation."""
+        last = self.num_seqs if last is None else last
+        out = torch.empty(last - first, dtype=torch.float32, device=row_values.device)
+        if last > first:
+            segment_sum_kernel[(last - first,)](row_values, self.starts[first:], out, BLOCK=SEGMENT_BLOCK)
+        return out
 
     def row_grads(self, grad_seq: Tensor) -> Tensor:
         """[N] float32: each gathered row's sequence gradient, 0 past n_valid."""
@@ -444,6 +449,7 @@ def _fused_forward(hidden, weight, bias, rows: _Rows, objective: SPPOObjective, 
     target_logit = _new((max(n, 1),), torch.float32, device, config.poison)
     lse = torch.zeros(max(n_rows, 1), dtype=torch.float32, device=device)
     row_grad = torch.zeros(max(n, 1), dtype=torch.float32, device=device)
+    row_logps = torch.zeros(max(n, 1), dtype=torch.float32, device=device)
     logps = torch.zeros(rows.num_seqs, dtype=torch.float32, device=device)
     slope, offset = (c.to(device=device, dtype=torch.float64) for c in objective.grad_coefficients())
 
@@ -466,11 +472,8 @@ def _fused_forward(hidden, weight, bias, rows: _Rows, objective: SPPOObjective, 
         )  # fmt: skip
         chunk_lse = torch.logsumexp(tile_max[:m] + tile_sum[:m].log(), dim=1)
         lse[r0:r1] = chunk_lse
-        prefix = torch.zeros(m + 1, dtype=torch.float64, device=device)
-        torch.cumsum((target_logit[r0:r1] - chunk_lse).double(), 0, out=prefix[1:])
-        bounds = rows.starts[b0 : b1 + 1] - r0
-        chunk_logps = prefix[bounds[1:]] - prefix[bounds[:-1]]
-        logps[b0:b1] = chunk_logps.float()
+        row_logps[r0:r1] = target_logit[r0:r1] - chunk_lse
+        logps[b0:b1] = rows.sequence_sums(row_logps, b0, b1)
         seq_grad = slope[b0:b1] * logps[b0:b1].double() + offset[b0:b1]
         row_grad[r0:r1] = seq_grad.float().index_select(0, rows.key[r0:r1] - b0)
         grad_from_exp_kernel[(triton.cdiv(m, block_r), tiles)](
