@@ -181,6 +181,15 @@ def _new(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, poiso
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _gather(hidden: Tensor, index: Tensor, pad_rows: int) -> Tensor:
+    """hidden's rows ``index``, contiguous, followed by ``pad_rows`` zero rows: every row tile a kernel addresses
+    lies inside the buffer, so its row loads need no mask (and stay dense for the copy engine)."""
+    gathered = torch.empty(index.shape[0] + pad_rows, hidden.shape[1], dtype=hidden.dtype, device=hidden.device)
+    torch.index_select(hidden, 0, index, out=gathered[: index.shape[0]])
+    gathered[index.shape[0] :].zero_()
+    return gathered
+
+
 def _check_dtypes(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         dtype = str(hidden.dtype).removeprefix("torch.")
@@ -249,7 +258,7 @@ class _Rows:
 def _forward_rows(gathered: Tensor, weight: Tensor, bias: Tensor | None, rows: _Rows, options: dict,
                   config: TritonConfig) -> tuple[Tensor, Tensor]:  # fmt: skip
     """(lse [N], row log-prob [N], 0 past n_valid) of the gathered rows: one persistent forward launch."""
-    n_rows, width = gathered.shape
+    n_rows, width = rows.num_rows, gathered.shape[1]
     vocab = weight.shape[0]
     device = gathered.device
     cfg = block_config("forward", gathered.dtype, config)
@@ -275,7 +284,8 @@ def _forward(hidden, weight, bias, rows: _Rows, options: dict, config: TritonCon
     """(logps [B] float32, lse [N] per gathered row)."""
     if rows.num_rows == 0:
         return torch.zeros(rows.num_seqs, dtype=torch.float32, device=hidden.device), hidden.new_zeros(0).float()
-    lse, row_logps = _forward_rows(hidden.index_select(0, rows.order), weight, bias, rows, options, config)
+    gathered = _gather(hidden, rows.order, block_config("forward", hidden.dtype, config).block_n)
+    lse, row_logps = _forward_rows(gathered, weight, bias, rows, options, config)
     return rows.sequence_sums(row_logps), lse
 
 
@@ -315,9 +325,9 @@ def _chunked_backward(hidden, weight, bias, rows: _Rows, lse: Tensor, row_grad: 
         return grad_h, grad_w, None if grad_b is None else grad_b.to(bias.dtype)
 
     index = rows.order[:n]
-    gathered = hidden.index_select(0, index)
-    targets, lse, row_grad = rows.targets[:n], lse[:n].contiguous(), row_grad[:n].contiguous()
     cfg = block_config("backward", dtype, config)
+    gathered = _gather(hidden, index, cfg.block_n)
+    targets, lse, row_grad = rows.targets[:n], lse[:n].contiguous(), row_grad[:n].contiguous()
     cols = chunk_columns(n, vocab, hidden.element_size(), config.chunk_bytes, cfg.block_v)
     grad_a = _new((n, cols), dtype, device, config.poison)
     grad_h_acc = torch.zeros(n, width, dtype=torch.float32, device=device) if need_h else None
@@ -336,7 +346,7 @@ def _chunked_backward(hidden, weight, bias, rows: _Rows, lse: Tensor, row_grad: 
         )  # fmt: skip
         chunk = grad_a[:, :width_v]
         if need_w:
-            torch.mm(chunk.t(), gathered, out=grad_w[v_start : v_start + width_v])
+            torch.mm(chunk.t(), gathered[:n], out=grad_w[v_start : v_start + width_v])
         if need_h:
             _accumulate_mm(grad_h_acc, chunk, weight[v_start : v_start + width_v], scratch)
         if need_b:
@@ -454,7 +464,7 @@ def _fused_forward(hidden, weight, bias, rows: _Rows, objective: SPPOObjective, 
     slope, offset = (c.to(device=device, dtype=torch.float64) for c in objective.grad_coefficients())
 
     index = rows.order[:n]
-    gathered = hidden.index_select(0, index)
+    gathered = _gather(hidden, index, cfg.block_n)
     targets = rows.targets[:n].contiguous()
     grad_h = torch.zeros(n_rows, width, dtype=dtype, device=device) if need_h else None
     grad_w = torch.zeros(vocab, width, dtype=weight.dtype, device=device) if need_w else None

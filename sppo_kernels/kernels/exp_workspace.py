@@ -20,7 +20,7 @@ from sppo_kernels.kernels.logit_tile import grouped_tile, logit_tile
 
 @triton.jit
 def exp_tile_kernel(
-    hidden_ptr,  # [n, H] input dtype: gathered scored rows
+    hidden_ptr,  # [>= n + BLOCK_N, H] input dtype: gathered scored rows (padded)
     weight_ptr,  # [V, H]
     bias_ptr,  # [V]
     target_ptr,  # [n] int64
@@ -61,6 +61,7 @@ def exp_tile_kernel(
         hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, offs_v, col_mask, H,
         stride_hn, stride_hh, stride_wv, stride_wh, softcap, inv_temperature,
         HAS_BIAS, HAS_SOFTCAP, UPCAST_DOT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
+        MASK_ROWS=False,
     )  # fmt: skip
     z = tl.where(col_mask[None, :], z, float("-inf"))
     tile_max = tl.max(z, axis=1)  # finite: every tile holds at least one real column

@@ -19,7 +19,7 @@ from sppo_kernels.kernels.logit_tile import grouped_tile, logit_tile
 
 @triton.jit
 def logit_grad_kernel(
-    hidden_ptr,  # [n_rows, H] input dtype: the gathered scored rows
+    hidden_ptr,  # [>= n_rows rounded up to BLOCK_N, H] input dtype: the gathered scored rows (padded)
     weight_ptr,  # [V, H] input dtype
     bias_ptr,  # [V] input dtype (unused without HAS_BIAS)
     target_ptr,  # [n_rows] int64
@@ -62,6 +62,7 @@ def logit_grad_kernel(
         hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, offs_v, col_mask, H,
         stride_hn, stride_hh, stride_wv, stride_wh, softcap, inv_temperature,
         HAS_BIAS, HAS_SOFTCAP, UPCAST_DOT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
+        MASK_ROWS=False,
     )  # fmt: skip
     probs = tl.exp(z - lse[:, None])
     grad_z = tl.where(offs_v[None, :] == target[:, None], 1.0 - probs, -probs)

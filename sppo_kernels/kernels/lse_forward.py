@@ -1,10 +1,10 @@
 """Forward kernel: per-row log-sum-exp and target logit over one split of the vocabulary.
 
 Rows come gathered: the first ``n_valid`` rows of ``hidden`` are the rows that score a token, contiguous, so a
-row tile is a dense [BLOCK_N, BLOCK_K] block. ``n_valid`` stays on the device (no host synchronisation), so the
-grid is persistent: a fixed number of programs walks the ``cdiv(n_valid, BLOCK_N) × num_splits`` work items,
-which are counted on the device, in the grouped order of :func:`grouped_tile` (L2 reuse of W and H). Rows that
-score nothing cost no program at all.
+row tile is a dense [BLOCK_N, BLOCK_K] block (the buffer is padded: row loads need no mask). ``n_valid`` stays
+on the device (no host synchronisation), so the grid is persistent: a fixed number of programs walks the
+``cdiv(n_valid, BLOCK_N) × num_splits`` work items, counted on the device, in the grouped order of
+:func:`grouped_tile` (L2 reuse of W and H). Rows that score nothing cost no program at all.
 
 A work item (row block i, split s) streams its split of the vocabulary in BLOCK_V tiles, keeping an online
 max/sum in registers, and writes per row ``lse_part[s, row]`` and ``target_part[s, row]`` (the target's logit if
@@ -60,13 +60,14 @@ def lse_forward_kernel(
         running_sum = tl.zeros((BLOCK_N,), tl.float32)
         target_logit = tl.zeros((BLOCK_N,), tl.float32)
         v_start = pid_s * v_blocks_per_split * BLOCK_V
-        for vb in range(0, v_blocks_per_split):
+        for vb in range(0, tl.minimum(v_blocks_per_split, tl.cdiv(V - v_start, BLOCK_V))):
             offs_v = v_start + vb * BLOCK_V + tl.arange(0, BLOCK_V)
             col_mask = offs_v < V
             z, _ = logit_tile(
                 hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, offs_v, col_mask, H,
                 stride_hn, stride_hh, stride_wv, stride_wh, softcap, inv_temperature,
                 HAS_BIAS, HAS_SOFTCAP, UPCAST_DOT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
+                MASK_ROWS=False,
             )  # fmt: skip
             z = tl.where(col_mask[None, :], z, float("-inf"))
             target_logit += tl.sum(tl.where(offs_v[None, :] == target[:, None], z, 0.0), axis=1)
