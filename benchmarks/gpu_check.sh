@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check for a CUDA machine without network: the test suite on the GPU, then the llama3-8b and gemma2-9b
-# benchmark presets, in about 8 minutes; everything is written under DIR (summary.txt lists each step's status).
+# GPU check for a CUDA machine without network: the test suite on the GPU, the Triton design A/B sweep, then the
+# llama3-8b and gemma2-9b benchmark presets, in about 12 minutes; everything is written under DIR (summary.txt
+# lists each step's status).
 #
 #   benchmarks/gpu_check.sh DIR
 #
@@ -11,6 +12,8 @@
 #   TEST_TIMEOUT       seconds for pytest (default 180); PRESET_TIMEOUT seconds per preset (default 170)
 #   TOKENS             token counts per preset (default 8192; comma-separated for a sweep)
 #   LLAMA_PROVIDERS / GEMMA_PROVIDERS  comma-separated providers (defaults below; see loss_bench.py --list)
+#   SWEEP_VARIANTS     Triton variants for benchmarks/triton_sweep.py (default below; "none" skips the sweep);
+#                      SWEEP_TIMEOUT seconds (default 240)
 set -uo pipefail
 
 OUT=${1:?usage: benchmarks/gpu_check.sh DIR}
@@ -51,8 +54,17 @@ fi
 
 step pytest "${TEST_TIMEOUT:-180}" "$PY" -m pytest tests -q -rfEs -p no:cacheprovider --junitxml="$OUT/pytest.xml"
 
-LLAMA_PROVIDERS=${LLAMA_PROVIDERS:-naive,torch-lce,liger-flce,liger-dpo,cce,cce-filtered,ours-triton,ours-chunked}
-GEMMA_PROVIDERS=${GEMMA_PROVIDERS:-naive,torch-lce,liger-flce,liger-dpo,cce,ours-triton,ours-chunked}
+# Triton A/B: old atomic vs new chunked backward, fused SPPO loss on/off, tile candidates chosen on the CPU by the
+# faithful sm_90 compile (tests/sm90_compile.py --sweep); times, peak memory, bitwise determinism, compiled
+# registers/spills per kernel. Results: DIR/sweep/triton_sweep.jsonl and sweep.log (Markdown table).
+SWEEP_VARIANTS=${SWEEP_VARIANTS:-default,atomic-backward,fused-loss,tiles-128x128x64-s4,tiles-128x128x128-s2,tiles-64x256x64-s3,programs-per-sm-2}
+if [ "$SWEEP_VARIANTS" != none ]; then
+    step sweep "${SWEEP_TIMEOUT:-240}" "$PY" benchmarks/triton_sweep.py --out "$OUT/sweep" \
+        --tokens "$(echo "${TOKENS:-8192}" | cut -d, -f1)" --variants "$SWEEP_VARIANTS" --warmup 1 --repeats 3
+fi
+
+LLAMA_PROVIDERS=${LLAMA_PROVIDERS:-naive,torch-lce,liger-flce,liger-dpo,cce,cce-filtered,ours-triton,ours-triton-atomic,ours-triton-fused,ours-chunked}
+GEMMA_PROVIDERS=${GEMMA_PROVIDERS:-naive,torch-lce,liger-flce,liger-dpo,cce,ours-triton,ours-triton-atomic,ours-triton-fused,ours-chunked}
 for preset in llama3-8b gemma2-9b; do
     providers=$LLAMA_PROVIDERS
     [ "$preset" = gemma2-9b ] && providers=$GEMMA_PROVIDERS
@@ -61,6 +73,6 @@ for preset in llama3-8b gemma2-9b; do
         --warmup 2 --repeats 10 --timeout 75 --out "$OUT/$preset" --markdown "$OUT/RESULTS.md"
 done
 
-echo "results: $OUT (summary.txt, pytest.log, bench-*.log, */loss_bench_*.json|png, RESULTS.md)"
+echo "results: $OUT (summary.txt, pytest.log, sweep.log, sweep/, bench-*.log, */loss_bench_*.json|png, RESULTS.md)"
 cat "$SUMMARY"
 exit "$FAILED"

@@ -278,6 +278,24 @@ def ours_notes(backend: str) -> Callable[[Problem], list[str]]:
     return notes
 
 
+def triton_variant(options: dict) -> Callable[[Problem], LossFn]:
+    """``ours_build`` for the "triton" backend with config ``options`` (resolved at build time: importing this
+    module must not need triton)."""
+
+    def build(problem: Problem) -> LossFn:
+        return ours_build(sk.get_backend("triton", **options))(problem)
+
+    return build
+
+
+# Variants of the Triton backend for the GPU A/B (benchmarks/gpu_check.sh); the tile sweep is
+# benchmarks/triton_sweep.py.
+TRITON_VARIANTS = {
+    "ours-triton-atomic": ({"backward": "atomic"}, "the first design's backward: float32 atomics, [V, H] fp32 dW"),
+    "ours-triton-fused": ({"fused_sppo_loss": True}, "SPPO gradient formed in the forward (6NHV, exp workspace)"),
+}
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -289,6 +307,17 @@ def _ours(backend: str) -> Provider:
         build=ours_build(backend),
         requirements=(ours_runs(backend),),
         notes=ours_notes(backend),
+    )
+
+
+def _triton_variant(name: str, options: dict, text: str) -> Provider:
+    return Provider(
+        name=name,
+        family="ours",
+        description=f"sppo_kernels.sppo_loss(backend=get_backend('triton', **{options})): {text}",
+        build=triton_variant(options),
+        requirements=(ours_runs("triton"),),
+        notes=ours_notes("triton"),
     )
 
 
@@ -338,6 +367,7 @@ PROVIDERS: dict[str, Provider] = {
             exact=False,
         ),
         *[_ours(backend) for backend in sk.BACKENDS if backend != "auto"],
+        *[_triton_variant(name, options, text) for name, (options, text) in TRITON_VARIANTS.items()],
         _ours("auto"),
     ]
 }

@@ -14,13 +14,15 @@ the PTX with their semantics.
 
     python tests/sm90_compile.py [--quick] [--markdown]     (TRITON_INTERPRET must be unset)
 
-``--quick``: bfloat16 at both presets (the suite's check); default: bfloat16, float16 and float32. One JSON line
-per compiled kernel; ``--markdown`` also prints the table for benchmarks/RESULTS.md.
+``--quick``: bfloat16 at both presets (the suite's check); default: bfloat16, float16 and float32; ``--sweep``:
+the matmul kernels in bfloat16 with each tile candidate of ``SWEEP_TILES``. One JSON line per compiled kernel;
+``--markdown`` also prints the table for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -251,21 +253,28 @@ def markdown(entries: list[dict]) -> str:
 def main(argv: list[str]) -> int:
     assert os.environ.get("TRITON_INTERPRET") != "1", "compile with the interpreter off"
     assert not fused_triton.INTERPRETING
-    dtypes = ("bf16",) if "--quick" in argv else tuple(DTYPES)
+    dtypes = ("bf16",) if "--quick" in argv or "--sweep" in argv else tuple(DTYPES)
+    configs = {"default": None}
+    if "--sweep" in argv:
+        configs = {
+            label: fused_triton.TritonConfig(forward_block=tiles, backward_block=tiles, fused_block=tiles)
+            for label, tiles in fused_triton.SWEEP_TILES.items()
+        }
     entries, failures = [], []
-    for dtype_name in dtypes:
-        for preset in PRESETS:
-            seen = set()
-            for name, args, kwargs, grid in preset_launches(preset, DTYPES[dtype_name]):
-                key = specialization_key(name, args, kwargs)
-                if key in seen:
-                    continue
-                seen.add(key)
-                entry = report(preset, dtype_name, name, args, kwargs, grid)
-                entry["problems"] = problems(entry)
-                failures += entry["problems"]
-                entries.append(entry)
-                print(json.dumps(entry), flush=True)
+    for (label, config), dtype_name, preset in itertools.product(configs.items(), dtypes, PRESETS):
+        seen = set()
+        for name, args, kwargs, grid in preset_launches(preset, DTYPES[dtype_name], config):
+            if label != "default" and name not in MATMUL_KERNELS:
+                continue
+            key = specialization_key(name, args, kwargs)
+            if key in seen:
+                continue
+            seen.add(key)
+            entry = report(preset, dtype_name, name, args, kwargs, grid)
+            entry["problems"] = problems(entry)
+            failures += entry["problems"]
+            entries.append(entry)
+            print(json.dumps(entry), flush=True)
     if "--markdown" in argv:
         print(markdown(entries))
     return 1 if failures else 0

@@ -45,7 +45,7 @@ def test_chunked_nonuniform_upstream_and_masked_rows():
     got = run_triton(case, torch.float32, CHUNKED, loss=None, seq_upstream=seq_upstream)
     errs = errors(got, run_reference(case, loss=None, seq_upstream=seq_upstream))
     assert all(err <= 1e-4 for err in errs.values()), errs
-    masked_rows = case.labels[:, 1:] == -100  # shift: row t scores label t + 1
+    masked_rows = (case.labels[:, 1:] == -100).to(DEVICE)  # shift: row t scores label t + 1
     assert torch.all(got["hidden"][:, :-1][masked_rows] == 0)
     assert torch.all(got["hidden"][:, -1] == 0)
 

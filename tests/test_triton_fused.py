@@ -8,6 +8,7 @@ import pytest
 import torch
 from core_cases import DEVICE, make_case
 from triton_cases import (
+    ETA,
     assert_within_plain_error,
     errors,
     objective,
@@ -19,6 +20,7 @@ from triton_cases import (
 from sppo_kernels.autograd import fused_triton
 from sppo_kernels.autograd.fused_triton import TritonConfig, TritonSPPOLoss
 from sppo_kernels.inputs import prepare_rows
+from sppo_kernels.losses import SPPOObjective
 from sppo_kernels.registry import triton_unavailable_reason
 
 pytestmark = pytest.mark.skipif(triton_unavailable_reason(DEVICE) is not None, reason="triton cannot run here")
@@ -83,17 +85,17 @@ def test_gradient_through_logps_and_loss_recomputes():
     args = (rows.hidden, params["weight"], params["bias"], rows.targets, rows.seq_ids, rows.num_seqs, case.softcap,
             case.temperature, config)  # fmt: skip
     loss, logps = TritonSPPOLoss.apply(*args, objective(case), True)
-    (3.0 * loss + (logps * torch.tensor([0.5, -1.0, 2.0])).sum()).backward()
+    (3.0 * loss + (logps * torch.tensor([0.5, -1.0, 2.0], device=DEVICE)).sum()).backward()
 
     ref = case.params(torch.float64, torch.device("cpu"))
     from sppo_kernels.reference import reference_sequence_logprobs
 
     ref_logps = reference_sequence_logprobs(ref["hidden"], ref["weight"], bias=ref["bias"],
                                             **case.options(torch.device("cpu")))  # fmt: skip
-    ref_loss = objective(case)(ref_logps)
+    ref_loss = SPPOObjective(case.ref_logps, case.target_probs, ETA, "mean")(ref_logps)
     (3.0 * ref_loss + (ref_logps * torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)).sum()).backward()
     for name in ("hidden", "weight", "bias"):
-        err = (params[name].grad.double() - ref[name].grad).abs().max() / ref[name].grad.abs().max()
+        err = (params[name].grad.double().cpu() - ref[name].grad).abs().max() / ref[name].grad.abs().max()
         assert err < 1e-4, (name, float(err))
 
 

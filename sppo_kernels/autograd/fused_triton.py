@@ -71,6 +71,14 @@ GPU_CONFIGS = {
     ("atomic", 4): BlockConfig(64, 128, 32, 8, 2, 8),
     ("fused", 4): BlockConfig(128, 64, 32, 8, 3, 8),
 }
+# Tile candidates for the GPU timing sweep (benchmarks/triton_sweep.py): each compiles for sm_90 with wgmma, a
+# pipelined K loop and no spills at both benchmark presets in bfloat16 (python tests/sm90_compile.py --sweep).
+SWEEP_TILES = {
+    "128x128x64-s3": BlockConfig(128, 128, 64, 8, 3, 8),
+    "128x128x64-s4": BlockConfig(128, 128, 64, 8, 4, 8),
+    "128x128x128-s2": BlockConfig(128, 128, 128, 8, 2, 8),
+    "64x256x64-s3": BlockConfig(64, 256, 64, 8, 3, 8),
+}
 ELEMENTWISE_ROWS = {True: 16, False: 32}  # grad_from_exp_kernel rows per program (interpreting, GPU)
 SEGMENT_BLOCK = 256  # segment_sum_kernel rows per step
 

@@ -1,0 +1,233 @@
+"""GPU A/B of the Triton backend's design choices at the benchmark presets (needs a CUDA device; never run here).
+
+For each preset and each variant of ``TritonConfig`` (old atomic vs new chunked backward, fused SPPO loss on/off,
+the tile candidates of ``SWEEP_TILES``, a few launch options) it measures, on the same inputs:
+
+- the forward alone (``sequence_logprobs`` under no_grad) and the SPPO loss forward + backward: median ms of
+  ``--repeats`` timed iterations (CUDA events) after ``--warmup`` untimed ones;
+- the peak memory above the inputs during one forward + backward;
+- bitwise determinism: two forward + backward runs compared element for element (loss, dH, dW);
+- the agreement of loss and gradients with the default variant (max relative difference);
+- what the JIT really compiled on this device: registers, spills and shared memory per kernel.
+
+    python benchmarks/triton_sweep.py --out DIR [--presets llama3-8b,gemma2-9b] [--tokens 8192] [--variants ...]
+
+Writes DIR/triton_sweep.jsonl (one line per preset × variant) and prints a Markdown table. ``--device cpu`` with
+TRITON_INTERPRET=1 runs the same code on a small preset in the interpreter (a smoke test: its timings mean
+nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import sppo_kernels as sk  # noqa: E402
+from benchmarks.workload import PRESETS  # noqa: E402
+
+
+def variants() -> dict[str, dict]:
+    """name -> TritonConfig options. Tiles apply to the forward, the chunked backward and the fused loss."""
+    from sppo_kernels.autograd.fused_triton import SWEEP_TILES
+
+    out: dict[str, dict] = {
+        "default": {},
+        "atomic-backward": {"backward": "atomic"},
+        "fused-loss": {"fused_sppo_loss": True},
+        "programs-per-sm-2": {"programs_per_sm": 2},
+        "chunk-1GiB": {"chunk_bytes": 1 << 30},
+    }
+    for label, tiles in SWEEP_TILES.items():
+        out[f"tiles-{label}"] = {"forward_block": tiles, "backward_block": tiles, "fused_block": tiles}
+        out[f"fused-tiles-{label}"] = {"fused_sppo_loss": True, "fused_block": tiles}
+    return out
+
+
+def make_inputs(preset_name: str, tokens: int, device: str = "cuda", seed: int = 0) -> dict:
+    """bf16 inputs of one SPPO step: B sequences of the preset's length, the first quarter of each a masked
+    prompt, non-uniform targets. Built directly (no reference pass), identical for every variant."""
+    preset = PRESETS[preset_name]
+    seq_len = min(preset.seq_len, tokens // 2)
+    batch = max(2, tokens // seq_len)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(batch, seq_len, preset.hidden, generator=gen, device=device).bfloat16()
+    weight = (preset.logit_std / preset.hidden**0.5) * torch.randn(
+        preset.vocab, preset.hidden, generator=gen, device=device
+    )
+    labels = torch.randint(0, preset.vocab, (batch, seq_len), generator=gen, device=device)
+    labels[:, : seq_len // 4] = -100
+    return {
+        "hidden": hidden,
+        "weight": weight.bfloat16(),
+        "labels": labels,
+        "ref_logps": -seq_len * 2.0 + torch.randn(batch, generator=gen, device=device),
+        "target_probs": 0.1 + 0.8 * torch.rand(batch, generator=gen, device=device),
+        "softcap": preset.softcap,
+    }
+
+
+class CompiledStats:
+    """Registers, spills and shared memory of every kernel the JIT compiles while it is active."""
+
+    def __init__(self) -> None:
+        from sppo_kernels.kernels import exp_workspace, logit_backward, logit_grad, lse_forward, segment_sum
+
+        self.kernels = [lse_forward.lse_forward_kernel, logit_grad.logit_grad_kernel,
+                        logit_backward.logit_backward_kernel, exp_workspace.exp_tile_kernel,
+                        exp_workspace.grad_from_exp_kernel, segment_sum.segment_sum_kernel]  # fmt: skip
+        self.seen: dict[str, dict] = {}
+
+    def __enter__(self) -> CompiledStats:
+        for kernel in self.kernels:
+            original = kernel.run
+
+            def run(*args, _original=original, _name=kernel.__name__, **kwargs):
+                compiled = _original(*args, **kwargs)
+                if compiled is not None and _name not in self.seen:
+                    self.seen[_name] = {"registers": getattr(compiled, "n_regs", None),
+                                        "spills": getattr(compiled, "n_spills", None),
+                                        "shared": compiled.metadata.shared}  # fmt: skip
+                return compiled
+
+            kernel.run = run
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for kernel in self.kernels:
+            del kernel.run  # back to the class attribute
+
+
+def step(inputs: dict, backend, eta: float = 1000.0):
+    hidden = inputs["hidden"].detach().requires_grad_(True)
+    weight = inputs["weight"].detach().requires_grad_(True)
+    loss = sk.sppo_loss(hidden, weight, inputs["labels"], inputs["ref_logps"], inputs["target_probs"], eta=eta,
+                        softcap=inputs["softcap"], backend=backend)  # fmt: skip
+    loss.backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+def forward_only(inputs: dict, backend) -> torch.Tensor:
+    with torch.no_grad():
+        return sk.sequence_logprobs(inputs["hidden"], inputs["weight"], inputs["labels"], softcap=inputs["softcap"],
+                                    backend=backend)  # fmt: skip
+
+
+def timed(fn, warmup: int, repeats: int, cuda: bool) -> float:
+    """Median milliseconds of ``repeats`` calls after ``warmup`` untimed ones (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - begin))
+    return statistics.median(times)
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def run_variant(inputs: dict, name: str, options: dict, baseline, warmup: int, repeats: int) -> dict:
+    from sppo_kernels.autograd import fused_triton
+
+    backend = sk.get_backend("triton", **options)
+    cuda = inputs["hidden"].is_cuda
+    row: dict = {"variant": name, "options": {k: str(v) for k, v in options.items()}}
+    try:
+        with CompiledStats() as stats:
+            first = step(inputs, backend)
+        second = step(inputs, backend)
+        row["deterministic"] = all(torch.equal(x, y) for x, y in zip(first, second, strict=True))
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step(inputs, backend)
+            torch.cuda.synchronize()
+            row["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        row["forward_ms"] = timed(lambda: forward_only(inputs, backend), warmup, repeats, cuda)
+        row["fwd_bwd_ms"] = timed(lambda: step(inputs, backend), warmup, repeats, cuda)
+        row["compiled"] = stats.seen
+        row["mm_float32_out"] = fused_triton._MM_FLOAT32_OUT
+        if baseline is not None:
+            row["diff_vs_default"] = {k: rel_diff(x, y) for k, x, y in zip(("loss", "dH", "dW"), first, baseline,
+                                                                            strict=True)}  # fmt: skip
+        row["result"] = first
+    except Exception as err:  # one failing variant must not hide the others
+        row["error"] = f"{type(err).__name__}: {err}"[:2000]
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--presets", default="llama3-8b,gemma2-9b")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--variants", help="comma-separated subset (default: all)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu with TRITON_INTERPRET=1 (a smoke test)")
+    args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("triton_sweep needs a CUDA device (or --device cpu with TRITON_INTERPRET=1)", file=sys.stderr)
+        return 2
+    chosen = variants()
+    if args.variants:
+        chosen = {k: chosen[k] for k in args.variants.split(",")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    lines = ["| preset | variant | fwd ms | fwd+bwd ms | peak extra MiB | deterministic | max rel diff vs default |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    failed = False
+    with (args.out / "triton_sweep.jsonl").open("w") as sink:
+        for preset in args.presets.split(","):
+            inputs = make_inputs(preset, args.tokens, args.device)
+            baseline = None
+            for name, options in chosen.items():
+                start = time.time()
+                row = run_variant(inputs, name, options, baseline, args.warmup, args.repeats)
+                result = row.pop("result", None)
+                if name == "default" and result is not None:
+                    baseline = result
+                device = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+                row |= {"preset": preset, "tokens": args.tokens, "device": device, "torch": torch.__version__,
+                        "seconds": round(time.time() - start, 1)}  # fmt: skip
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                failed |= "error" in row
+                diff = row.get("diff_vs_default")
+                diff_text = "—" if diff is None else f"{max(diff.values()):.1e}"
+                lines.append(
+                    f"| {preset} | {name} | {row.get('forward_ms', float('nan')):.2f} "
+                    f"| {row.get('fwd_bwd_ms', float('nan')):.2f} | {row.get('peak_extra_mib', float('nan')):.0f} "
+                    f"| {row.get('deterministic', row.get('error', '?'))} | {diff_text} |"
+                )
+                print(lines[-1], flush=True)
+            del inputs
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    print("\n".join(lines))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
