@@ -169,6 +169,15 @@ def run_variant(inputs: dict, name: str, options: dict, baseline, warmup: int, r
         row["fwd_bwd_ms"] = timed(lambda: step(inputs, backend), warmup, repeats, cuda)
         row["compiled"] = stats.seen
         row["mm_float32_out"] = fused_triton._MM_FLOAT32_OUT
+        config = backend.resolved_config()
+        rows, width = int((inputs["labels"] != -100).sum()), inputs["hidden"].shape[-1]
+        kind = "fused" if config.fused_sppo_loss else config.backward
+        seq_rows = int((inputs["labels"][0] != -100).sum())
+        formula = fused_triton.workspace_bytes(kind, rows, inputs["weight"].shape[0], width, 2, config,
+                                               sms=torch.cuda.get_device_properties(0).multi_processor_count
+                                               if cuda else 132, seq_rows=seq_rows)  # fmt: skip
+        outputs = 2 * (inputs["hidden"].numel() + inputs["weight"].numel())
+        row["formula_mib"] = {"workspace": formula["total"] / 2**20, "gradients": outputs / 2**20}
         if baseline is not None:
             row["diff_vs_default"] = {k: rel_diff(x, y) for k, x, y in zip(("loss", "dH", "dW"), first, baseline,
                                                                             strict=True)}  # fmt: skip

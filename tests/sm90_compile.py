@@ -14,7 +14,8 @@ the PTX with their semantics.
 
     python tests/sm90_compile.py [--quick] [--markdown]     (TRITON_INTERPRET must be unset)
 
-``--quick``: bfloat16 at both presets (the suite's check); default: bfloat16, float16 and float32; ``--sweep``:
+``--quick``: bfloat16 at both presets (the suite's check); default: bfloat16, float16, float32 (ieee) and float32
+with ``fp32_precision="tf32x3"``; ``--sweep``:
 the matmul kernels in bfloat16 with each tile candidate of ``SWEEP_TILES``. One JSON line per compiled kernel;
 ``--markdown`` also prints the table for benchmarks/RESULTS.md.
 """
@@ -22,6 +23,7 @@ the matmul kernels in bfloat16 with each tile candidate of ``SWEEP_TILES``. One 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -72,7 +74,7 @@ class Preset:
 
 
 PRESETS = (Preset("llama3-8b", 4096, 128256, None), Preset("gemma2-9b", 3584, 256000, 30.0))
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp32-tf32x3": torch.float32}
 
 
 @contextlib.contextmanager
@@ -219,7 +221,7 @@ def problems(entry: dict) -> list[str]:
     out = []
     if entry["shared_bytes"] > SHARED_LIMIT:
         out.append(f"shared memory {entry['shared_bytes']} > {SHARED_LIMIT}")
-    if entry["dtype"] != "fp32" and entry["kernel"] in MATMUL_KERNELS:
+    if not entry["dtype"].startswith("fp32") and entry["kernel"] in MATMUL_KERNELS:
         if entry["wgmma"] == 0:
             out.append("no wgmma (ttng.warp_group_dot)")
         if entry["async_copies"] + entry["tma_loads"] == 0 or entry["buffers"] < 2:
@@ -254,7 +256,7 @@ def main(argv: list[str]) -> int:
     assert os.environ.get("TRITON_INTERPRET") != "1", "compile with the interpreter off"
     assert not fused_triton.INTERPRETING
     dtypes = ("bf16",) if "--quick" in argv or "--sweep" in argv else tuple(DTYPES)
-    configs = {"default": None}
+    configs = {"default": fused_triton.TritonConfig()}
     if "--sweep" in argv:
         configs = {
             label: fused_triton.TritonConfig(forward_block=tiles, backward_block=tiles, fused_block=tiles)
@@ -263,6 +265,8 @@ def main(argv: list[str]) -> int:
     entries, failures = [], []
     for (label, config), dtype_name, preset in itertools.product(configs.items(), dtypes, PRESETS):
         seen = set()
+        if dtype_name == "fp32-tf32x3":
+            config = dataclasses.replace(config, fp32_precision="tf32x3")
         for name, args, kwargs, grid in preset_launches(preset, DTYPES[dtype_name], config):
             if label != "default" and name not in MATMUL_KERNELS:
                 continue

@@ -141,3 +141,16 @@ def test_tf32x3_option_is_accepted():
     got = run_triton(case, torch.float32, TritonConfig(fp32_precision="tf32x3", chunk_bytes=1, poison=True))
     errs = errors(got, run_reference(case))
     assert all(err <= (1e-4 if DEVICE.type == "cpu" else 1e-3) for err in errs.values()), errs
+
+
+def test_workspace_at_gemma2_9b_is_below_cce_at_equal_precision():
+    """The code's own workspace formulas at the gemma2-9b preset (N = 8192 scored rows, bf16): the chunked backward
+    needs less extra memory than CCE with float32 accumulation (float32 dE and dC buffers: 4·(N + V)·H bytes)."""
+    n, vocab, width = 8192, 256000, 3584
+    cce_float32 = 4 * (n + vocab) * width
+    chunked = fused_triton.workspace_bytes("chunked", n, vocab, width, 2)["total"]
+    forward = fused_triton.workspace_bytes("forward", n, vocab, width, 2)["total"]
+    assert max(chunked, forward) <= cce_float32 / 5
+    assert chunked < 0.6 * 2**30
+    atomic = fused_triton.workspace_bytes("atomic", n, vocab, width, 2)["total"]
+    assert atomic >= cce_float32  # the first design's float32 dH and dW buffers

@@ -63,21 +63,21 @@ INTERPRETER_CONFIGS = {kind: BlockConfig(16, 64, 32, 4, 1, 2) for kind in KERNEL
 # timings: none has run on a GPU yet. The timing sweep in benchmarks/gpu_check.sh is to confirm or replace them.
 GPU_CONFIGS = {
     ("forward", 2): BlockConfig(128, 128, 64, 8, 3, 16),
-    ("backward", 2): BlockConfig(128, 128, 64, 8, 3, 8),
+    ("backward", 2): BlockConfig(128, 128, 64, 8, 3, 16),
     ("atomic", 2): BlockConfig(64, 128, 64, 8, 2, 8),
-    ("fused", 2): BlockConfig(128, 128, 64, 8, 3, 8),
+    ("fused", 2): BlockConfig(128, 128, 64, 8, 3, 16),
     ("forward", 4): BlockConfig(128, 64, 32, 8, 3, 16),
-    ("backward", 4): BlockConfig(128, 64, 32, 8, 3, 8),
+    ("backward", 4): BlockConfig(128, 64, 32, 8, 3, 16),
     ("atomic", 4): BlockConfig(64, 128, 32, 8, 2, 8),
-    ("fused", 4): BlockConfig(128, 64, 32, 8, 3, 8),
+    ("fused", 4): BlockConfig(128, 64, 32, 8, 3, 16),
 }
 # Tile candidates for the GPU timing sweep (benchmarks/triton_sweep.py): each compiles for sm_90 with wgmma, a
 # pipelined K loop and no spills at both benchmark presets in bfloat16 (python tests/sm90_compile.py --sweep).
 SWEEP_TILES = {
-    "128x128x64-s3": BlockConfig(128, 128, 64, 8, 3, 8),
-    "128x128x64-s4": BlockConfig(128, 128, 64, 8, 4, 8),
-    "128x128x128-s2": BlockConfig(128, 128, 128, 8, 2, 8),
-    "64x256x64-s3": BlockConfig(64, 256, 64, 8, 3, 8),
+    "128x128x64-s3-g4": BlockConfig(128, 128, 64, 8, 3, 4),
+    "128x128x64-s4": BlockConfig(128, 128, 64, 8, 4, 16),
+    "128x128x128-s2": BlockConfig(128, 128, 128, 8, 2, 16),
+    "64x256x64-s3": BlockConfig(64, 256, 64, 8, 3, 32),
 }
 ELEMENTWISE_ROWS = {True: 16, False: 32}  # grad_from_exp_kernel rows per program (interpreting, GPU)
 SEGMENT_BLOCK = 256  # segment_sum_kernel rows per step
@@ -168,6 +168,58 @@ def chunk_columns(rows: int, vocab: int, item_size: int, budget: int, align: int
 def fused_chunk_rows(vocab: int, item_size: int, budget: int) -> int:
     """Rows of the fused loss's workspace: ``budget`` bytes of [rows, V] elements (at least one row)."""
     return max(1, budget // (vocab * item_size))
+
+
+def workspace_bytes(kind: str, rows: int, vocab: int, width: int, item_size: int,
+                    config: TritonConfig = DEFAULT_CONFIG, *, sms: int = 132, seq_rows: int | None = None,
+                    bias: bool = False) -> dict[str, int]:  # fmt: skip
+    """Bytes the GPU path allocates besides its inputs and its outputs (log-probs, dH, dW, db), by buffer, with
+    the sum under "total"; the formulas of the code above, for ``rows`` scored rows (all rows scored), ``vocab``,
+    ``width`` (H) and 16-bit (item_size 2) or float32 (4) inputs. kind: "forward", "chunked" (the default
+    backward), "atomic" (the first backward) or "fused" (the fused loss's forward, whole sequences of
+    ``seq_rows`` rows; its gradients are outputs)."""
+    gpu = dict(GPU_CONFIGS)
+
+    def tiles(name: str) -> BlockConfig:
+        return getattr(config, f"{name}_block") or gpu[(name, item_size)]
+
+    f32 = 4
+    if kind == "forward":
+        cfg = tiles("forward")
+        row_blocks = -(-rows // cfg.block_n)
+        groups = max(1, min(row_blocks, cfg.group_n))
+        splits = max(1, min(-(-vocab // cfg.block_v), -(-sms * config.programs_per_sm // groups)))
+        parts = {"gathered rows": (rows + cfg.block_n) * width * item_size, "split partials": 2 * splits * rows * f32}
+    elif kind == "chunked":
+        cfg = tiles("backward")
+        cols = chunk_columns(rows, vocab, item_size, config.chunk_bytes, cfg.block_v)
+        parts = {
+            "gathered rows": (rows + cfg.block_n) * width * item_size,
+            "dA chunk": rows * cols * item_size,
+            "dH float32 accumulator": rows * width * f32,
+            "dH float32 GEMM output": rows * width * f32 if item_size != f32 else 0,
+            "dH cast": rows * width * item_size,
+            "db float32": vocab * f32 if bias else 0,
+        }
+    elif kind == "atomic":
+        parts = {"dH float32": rows * width * f32, "dW float32": vocab * width * f32, "db float32": vocab * f32}
+    elif kind == "fused":
+        cfg = tiles("fused")
+        limit = fused_chunk_rows(vocab, item_size, config.fused_workspace_bytes)
+        seq_rows = rows if seq_rows is None else seq_rows
+        chunk = min(rows, max(seq_rows, limit // seq_rows * seq_rows))
+        tiles_v = -(-vocab // cfg.block_v)
+        parts = {
+            "gathered rows": (rows + cfg.block_n) * width * item_size,
+            "exp workspace": chunk * vocab * item_size,
+            "tile max and sum": 2 * chunk * tiles_v * f32,
+            "chunk dH GEMM output": chunk * width * item_size,
+            "db float32": vocab * f32 if bias else 0,
+        }
+    else:
+        raise ValueError(f"kind must be forward, chunked, atomic or fused, got {kind!r}")
+    parts["row vectors"] = 8 * rows * 8  # order, key, targets, lse, row grads, ... (int64/float32 per row)
+    return parts | {"total": sum(parts.values())}
 
 
 def _kernel_options(hidden: Tensor, bias: Tensor | None, softcap: float | None, temperature: float,
