@@ -57,7 +57,7 @@ step pytest "${TEST_TIMEOUT:-180}" "$PY" -m pytest tests -q -rfEs -p no:cachepro
 # Triton A/B: old atomic vs new chunked backward, fused SPPO loss on/off, tile candidates chosen on the CPU by the
 # faithful sm_90 compile (tests/sm90_compile.py --sweep); times, peak memory, bitwise determinism, compiled
 # registers/spills per kernel. Results: DIR/sweep/triton_sweep.jsonl and sweep.log (Markdown table).
-SWEEP_VARIANTS=${SWEEP_VARIANTS:-default,atomic-backward,fused-loss,tiles-128x128x64-s3-g4,tiles-128x128x64-s4,tiles-128x128x128-s2,tiles-64x256x64-s3,programs-per-sm-2}
+SWEEP_VARIANTS=${SWEEP_VARIANTS:-default,atomic-backward,fused-loss,tiles-128x128x64-s3-g4,tiles-128x128x64-s4,tiles-128x128x128-s2,tiles-64x256x64-s3,programs-per-sm-2,fused-exp-128x256x64-w16}
 if [ "$SWEEP_VARIANTS" != none ]; then
     step sweep "${SWEEP_TIMEOUT:-240}" "$PY" benchmarks/triton_sweep.py --out "$OUT/sweep" \
         --tokens "$(echo "${TOKENS:-8192}" | cut -d, -f1)" --variants "$SWEEP_VARIANTS" --warmup 1 --repeats 3

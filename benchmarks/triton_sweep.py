@@ -38,7 +38,7 @@ from benchmarks.workload import PRESETS  # noqa: E402
 
 def variants() -> dict[str, dict]:
     """name -> TritonConfig options. Tiles apply to the forward, the chunked backward and the fused loss."""
-    from sppo_kernels.autograd.fused_triton import SWEEP_TILES
+    from sppo_kernels.autograd.fused_triton import SWEEP_TILES, BlockConfig
 
     out: dict[str, dict] = {
         "default": {},
@@ -46,6 +46,8 @@ def variants() -> dict[str, dict]:
         "fused-loss": {"fused_sppo_loss": True},
         "programs-per-sm-2": {"programs_per_sm": 2},
         "chunk-1GiB": {"chunk_bytes": 1 << 30},
+        # exp_tile_kernel alone compiles without spills at 128×256, 16 warps (the forward and dA kernels do not)
+        "fused-exp-128x256x64-w16": {"fused_sppo_loss": True, "fused_block": BlockConfig(128, 256, 64, 16, 3, 16)},
     }
     for label, tiles in SWEEP_TILES.items():
         out[f"tiles-{label}"] = {"forward_block": tiles, "backward_block": tiles, "fused_block": tiles}
