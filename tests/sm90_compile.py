@@ -40,9 +40,15 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns when 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import get_ptxas
-from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import create_function_from_signature
+
+try:  # JIT internals of Triton 3.9 (the CPU machines); another Triton may lack them: main() then says so
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+except ImportError as err:  # pragma: no cover - depends on the installed Triton
+    MISSING_API: ImportError | None = err
+else:
+    MISSING_API = None
 
 from sppo_kernels.autograd import fused_triton
 from sppo_kernels.kernels import exp_workspace, logit_backward, logit_grad, lse_forward, segment_sum
@@ -252,9 +258,16 @@ def markdown(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+API_MISMATCH = 3  # exit status when this Triton's JIT internals are not the ones the faithful build relies on
+
+
 def main(argv: list[str]) -> int:
     assert os.environ.get("TRITON_INTERPRET") != "1", "compile with the interpreter off"
     assert not fused_triton.INTERPRETING
+    needed = [hasattr(lse_forward.lse_forward_kernel, name) for name in ("_pack_args", "signature", "params")]
+    if MISSING_API is not None or not all(needed):
+        print(f"triton {triton.__version__}: JITFunction internals differ from 3.9's; cannot build faithfully")
+        return API_MISMATCH
     dtypes = ("bf16",) if "--quick" in argv or "--sweep" in argv else tuple(DTYPES)
     configs = {"default": fused_triton.TritonConfig()}
     if "--sweep" in argv:

@@ -23,6 +23,8 @@ def test_bf16_kernels_compile_faithfully_for_sm90():
     script = Path(__file__).with_name("sm90_compile.py")
     done = subprocess.run([sys.executable, str(script), "--quick"], env=env, capture_output=True, text=True,
                           timeout=600)  # fmt: skip
+    if done.returncode == 3:
+        pytest.skip(done.stdout.strip()[-300:])
     reports = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert {(r["preset"], r["kernel"]) for r in reports} == {
         (p, k) for p in ("llama3-8b", "gemma2-9b") for k in ALL_KERNELS

@@ -349,23 +349,29 @@ def _forward(hidden, weight, bias, rows: _Rows, options: dict, config: TritonCon
     return rows.sequence_sums(row_logps), lse
 
 
-_MM_FLOAT32_OUT = hasattr(torch.ops.aten.mm, "dtype")
+_MM_FLOAT32_OUT = hasattr(torch.ops.aten.mm, "dtype")  # torch.mm(out_dtype=float32) for 16-bit CUDA inputs
 
 
 def _accumulate_mm(acc: Tensor, a: Tensor, b: Tensor, scratch: list) -> None:
     """acc (float32) += a·b, the product accumulated in float32: in place for float32 inputs; for 16-bit inputs
     on a GPU one GEMM with a float32 output (``torch.mm(out_dtype=float32)``, into a reused scratch buffer) then an
-    add; on the CPU (interpreter tests) an upcast GEMM."""
+    add; on the CPU (interpreter tests) an upcast GEMM. A torch without that GPU kernel falls back, once and for
+    good, to rounding the chunk's product to 16 bits before the float32 add."""
+    global _MM_FLOAT32_OUT
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
-    elif acc.is_cuda and _MM_FLOAT32_OUT:
-        if not scratch:
-            scratch.append(torch.empty_like(acc))
-        acc.add_(torch.mm(a, b, out_dtype=torch.float32, out=scratch[0]))
-    elif acc.is_cuda:  # torch without mm(out_dtype=): the chunk's product is rounded once to 16 bits
-        acc.add_(torch.mm(a, b))
-    else:
+    elif not acc.is_cuda:
         acc.addmm_(a.float(), b.float())
+    else:
+        if _MM_FLOAT32_OUT:
+            if not scratch:
+                scratch.append(torch.empty_like(acc))
+            try:
+                acc.add_(torch.mm(a, b, out_dtype=torch.float32, out=scratch[0]))
+                return
+            except (RuntimeError, NotImplementedError, TypeError):
+                _MM_FLOAT32_OUT = False
+        acc.add_(torch.mm(a, b))
 
 
 def _chunked_backward(hidden, weight, bias, rows: _Rows, lse: Tensor, row_grad: Tensor, needs, options: dict,
