@@ -1,4 +1,4 @@
-"""Issue 3's performance goal for the C++ CPU backend, measured: SPPO loss forward + backward, float32,
+"""The C++ CPU backend's performance goal, measured: SPPO loss forward + backward, float32,
 N = 2048 tokens (B = 8 sequences x T = 256, shift: 255 scored rows each), H = 1024, V = 32000.
 
 Providers: ``naive`` (full logits → log_softmax → gather → per-sequence sum), ``native`` (torch's chunked
@@ -10,8 +10,9 @@ with an 8 MiB logits block, too small for a sequence: recompute), ``cpu-logprobs
 Time: all providers in this process, after one warm-up each, in interleaved rounds (naive, native, cpu, naive, ...)
 so that drifting machine load hits all alike; the median per provider is reported.
 Memory: each provider in its own fresh subprocess. Large blocks are made to go back to the OS when freed
-(M_MMAP_THRESHOLD = 1 MiB), one warm-up iteration runs and is freed, the RSS high-water mark is reset
-(/proc/self/clear_refs), one forward + backward runs (grads start as None); growth = VmHWM − VmRSS before it.
+(M_MMAP_THRESHOLD = 1 MiB), one warm-up iteration runs and is freed, then ``measure.PeakMemory`` resets the RSS
+high-water mark (/proc/self/clear_refs) around one forward + backward (grads start as None); growth = VmHWM −
+VmRSS before it.
 
     python benchmarks/cpu_backend_bench.py [--rounds 5] [--providers naive,native,cpu] [--json out.json]
 """
@@ -19,10 +20,7 @@ Memory: each provider in its own fresh subprocess. Large blocks are made to go b
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,7 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import sppo_kernels as sk
+from benchmarks import measure
 from sppo_kernels.autograd import fused_cpu
 from sppo_kernels.losses import sppo_epilogue
 
@@ -111,27 +113,18 @@ def step(fn: Callable[..., Tensor], inputs: Inputs) -> Tensor:
 # ------------------------------------------------------------------ memory (one subprocess per provider)
 
 
-def _status_kib(key: str) -> int:
-    return next(
-        int(line.split()[1])
-        for line in Path("/proc/self/status").read_text().splitlines()
-        if line.startswith(key + ":")
-    )
-
-
 def memory_worker(name: str) -> dict:
     """Peak RSS growth of one forward + backward of ``name``, in this (fresh) process."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks >= 1 MiB are mmapped, so freeing them returns memory
+    measure.trim_heap()  # the first call also makes blocks >= 1 MiB mmapped, so that freeing them returns memory
     inputs = make_inputs()
     fn = PROVIDERS[name]
     step(fn, inputs)  # warm-up: extension load, thread pools, MKL buffers
     inputs[0].grad = inputs[1].grad = None
-    libc.malloc_trim(0)
-    before = _status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    step(fn, inputs)
-    return {"rss_growth_mib": (_status_kib("VmHWM") - before) / 1024}
+    with measure.PeakMemory(torch.device("cpu")) as peak:
+        step(fn, inputs)
+    if peak.growth is None:
+        raise RuntimeError("no peak-memory probe works on this machine")
+    return {"rss_growth_mib": peak.growth / 2**20}
 
 
 def measure_memory(names: list[str]) -> dict[str, float]:
@@ -173,33 +166,6 @@ def measure_time(names: list[str], rounds: int) -> tuple[dict[str, list[float]],
     return times, agreement
 
 
-def machine() -> dict:
-    cpu_model = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu": cpu_model,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "loadavg": os.getloadavg(),
-        "cpu_pressure": _cpu_pressure(),  # share of time some runnable task waited for a CPU (other tenants)
-    }
-
-
-def _cpu_pressure() -> str | None:
-    try:
-        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
-    except (OSError, IndexError):
-        return None
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -211,13 +177,16 @@ def main() -> None:
         print(json.dumps(memory_worker(args.memory_worker)))
         return
     names = args.providers.split(",")
-    report = {"machine_before": machine(), "shape": {"B": B, "T": T, "H": H, "V": V, "dtype": "float32"}}
+    report = {
+        "machine_before": measure.machine_info(torch.device("cpu")),
+        "shape": {"B": B, "T": T, "H": H, "V": V, "dtype": "float32"},
+    }
     report["rss_growth_mib"] = measure_memory(names)
     times, agreement = measure_time(names, args.rounds)
     report["seconds"] = times
     report["median_s"] = {k: statistics.median(v) for k, v in times.items()}
     report["agreement_vs_first"] = agreement
-    report["machine_after"] = machine()
+    report["machine_after"] = measure.machine_info(torch.device("cpu"))
     med, mem = report["median_s"], report["rss_growth_mib"]
     print(f"{'provider':14s} {'median s':>9s} {'rss MiB':>9s}   times")
     for name in names:

@@ -335,6 +335,15 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _cpu_pressure() -> str | None:
+    """The kernel's CPU pressure line (``some avg10=… avg60=…``): the share of time some runnable task waited for a
+    CPU, i.e. what other tenants of the machine cost the measurement; None where it is not available."""
+    try:
+        return Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def machine_info(device: torch.device) -> dict:
     """CPU model, cores, threads, load, memory, GPU, and the versions of everything measured."""
     info: dict = {
@@ -342,6 +351,7 @@ def machine_info(device: torch.device) -> dict:
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "cpu_pressure": _cpu_pressure(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": {

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from sppo_kernels.integrations import hf
-from sppo_kernels.integrations.testing import model_and_tokenizer, pair_batch_from_rows, tiny_preference_rows
+from sppo_kernels.tiny_models import model_and_tokenizer, pair_batch_from_rows, tiny_preference_rows
 
 
 def main(argv: list[str] | None = None) -> list[float]:
@@ -39,10 +39,10 @@ def main(argv: list[str] | None = None) -> list[float]:
     batch = {k: v.to(engine.device) for k, v in pair_batch_from_rows(tokenizer, rows).items()}
     inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
 
-    ref_logps = hf.reference_logprobs(engine, *inputs)  # π_t, before the first update
+    ref_logps = hf.model_reference_logprobs(engine, *inputs)  # π_t, before the first update
     losses = []
     for step in range(args.steps):
-        loss = hf.sppo_loss(engine, *inputs, batch["target_probs"], ref_logps=ref_logps, eta=1000.0)
+        loss = hf.model_sppo_loss(engine, *inputs, batch["target_probs"], ref_logps=ref_logps, eta=1000.0)
         engine.backward(loss)  # outside any gathering context: the lm_head is re-gathered inside
         engine.step()
         losses.append(loss.item())

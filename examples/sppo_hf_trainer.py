@@ -15,8 +15,8 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from sppo_kernels.integrations import hf
-from sppo_kernels.integrations.testing import model_and_tokenizer, pair_batch_from_rows, tiny_preference_rows
 from sppo_kernels.integrations.trainer import SPPOTrainer
+from sppo_kernels.tiny_models import model_and_tokenizer, pair_batch_from_rows, tiny_preference_rows
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> float:
 
     model, tokenizer = model_and_tokenizer(args.model)
     batch = pair_batch_from_rows(tokenizer, tiny_preference_rows(8))
-    ref_logps = hf.reference_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    ref_logps = hf.model_reference_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     lengths = batch["attention_mask"].sum(1).tolist()
     rows = [
         {

@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from sppo_kernels.integrations import hf
-from sppo_kernels.integrations.testing import model_and_tokenizer, pair_batch_from_rows, tiny_preference_rows
+from sppo_kernels.tiny_models import model_and_tokenizer, pair_batch_from_rows, tiny_preference_rows
 
 
 def main(argv: list[str] | None = None) -> list[float]:
@@ -29,11 +29,11 @@ def main(argv: list[str] | None = None) -> list[float]:
     inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
 
     # π_t's log-probs, once, before training (the reference SPPO recomputes them every step).
-    ref_logps = hf.reference_logprobs(model, *inputs)
+    ref_logps = hf.model_reference_logprobs(model, *inputs)
     optimizer = torch.optim.RMSprop(model.parameters(), lr=args.lr)
     losses = []
     for step in range(args.steps):
-        loss = hf.sppo_loss(model, *inputs, batch["target_probs"], ref_logps=ref_logps, eta=args.eta)
+        loss = hf.model_sppo_loss(model, *inputs, batch["target_probs"], ref_logps=ref_logps, eta=args.eta)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

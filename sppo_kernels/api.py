@@ -11,29 +11,8 @@ import torch
 from torch import Tensor
 
 from sppo_kernels import registry
-from sppo_kernels.inputs import LmHead, TokenRows, check_eta, check_options, check_sequence_values, prepare_rows
+from sppo_kernels.inputs import check_eta, check_options, check_sequence_values, prepare
 from sppo_kernels.losses import REDUCTIONS, SPPOObjective
-
-
-def _prepare(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    *,
-    bias: Tensor | None,
-    cu_seqlens: Tensor | None,
-    ignore_index: int,
-    softcap: float | None,
-    temperature: float,
-    shift: bool,
-    backend: str | registry.Backend,
-) -> tuple[TokenRows, LmHead, registry.Backend]:
-    """Validated token rows, the lm-head, and the backend that will run on them."""
-    softcap, temperature = check_options(softcap=softcap, temperature=temperature)
-    rows = prepare_rows(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
-                        shift=shift)  # fmt: skip
-    chosen = registry.resolve(backend, hidden.device, hidden.dtype)
-    return rows, LmHead(weight, bias, softcap, temperature), chosen
 
 
 def sequence_logprobs(
@@ -57,9 +36,9 @@ def sequence_logprobs(
     respect to hidden, weight and bias. ``backend``: a name of :data:`BACKENDS` or a configured
     :func:`get_backend`.
     """
-    rows, head, chosen = _prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
-                                  softcap=softcap, temperature=temperature, shift=shift, backend=backend)  # fmt: skip
-    return chosen.sequence_logprobs(rows, head)
+    rows, head = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
+                         softcap=softcap, temperature=temperature, shift=shift)  # fmt: skip
+    return registry.resolve(backend, hidden.device, hidden.dtype).sequence_logprobs(rows, head)
 
 
 def sppo_loss(
@@ -86,11 +65,11 @@ def sppo_loss(
     :func:`sequence_logprobs`. reduction: ``"mean"`` over sequences, ``"sum"`` or ``"none"`` ([B]).
     Returns the float32 loss, or ``(loss, policy_logps [B])`` with ``return_logps=True``.
     """
-    check_options(softcap=softcap, temperature=temperature, eta=eta)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    rows, head, chosen = _prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
-                                  softcap=softcap, temperature=temperature, shift=shift, backend=backend)  # fmt: skip
+    rows, head = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
+                         softcap=softcap, temperature=temperature, shift=shift)  # fmt: skip
+    chosen = registry.resolve(backend, hidden.device, hidden.dtype)
     eta = check_eta(eta, rows.num_seqs)
     ref = check_sequence_values("ref_logps", ref_logps, rows, probability=False)
     probs = check_sequence_values("target_probs", target_probs, rows, probability=True)

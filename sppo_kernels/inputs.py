@@ -1,6 +1,6 @@
 """Validation of the public arguments and their normalisation into token rows and an lm-head.
 
-Every public entry point goes through :func:`prepare_rows`, so bad input gets one clear error here and the
+Every public entry point goes through :func:`prepare`, so bad input gets one clear error here and the
 backends only ever see well-formed, flat token rows with in-range targets.
 """
 
@@ -113,7 +113,7 @@ def _check_tensor(name: str, value: object) -> Tensor:
     return value
 
 
-def prepare_rows(
+def prepare(
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
@@ -121,12 +121,15 @@ def prepare_rows(
     bias: Tensor | None,
     cu_seqlens: Tensor | None,
     ignore_index: int,
+    softcap: object,
+    temperature: object,
     shift: bool,
-) -> TokenRows:
-    """Validate the lm-head inputs and flatten them into :class:`TokenRows`.
+) -> tuple[TokenRows, LmHead]:
+    """Validate the op's inputs; return them as :class:`TokenRows` and an :class:`LmHead`.
 
     Padded layout: hidden [B, T, H], labels [B, T]. Packed layout: hidden [N, H], labels [N], cu_seqlens [B+1].
     """
+    softcap, temperature = check_options(softcap=softcap, temperature=temperature)
     hidden = _check_tensor("hidden", hidden)
     weight = _check_tensor("weight", weight)
     labels = _check_tensor("labels", labels)
@@ -179,7 +182,9 @@ def prepare_rows(
     head_finite = weight.isfinite().all() if bias is None else weight.isfinite().all() & bias.isfinite().all()
     invalid |= rows.invalid_seqs | ~head_finite
     targets = torch.where(out_of_range, -1, rows.targets)
-    return TokenRows(rows.hidden, targets, rows.seq_ids, rows.num_seqs, invalid)
+    return TokenRows(rows.hidden, targets, rows.seq_ids, rows.num_seqs, invalid), LmHead(
+        weight, bias, softcap, temperature
+    )
 
 
 def _row_targets(labels: Tensor, ignore_index: int, vocab: int) -> Tensor:

@@ -1,17 +1,37 @@
-"""Hugging Face causal LMs: final hidden states without logits, the lm_head parameters, the logit transform.
+"""Hugging Face causal LMs on the fused op: the one model-level recipe.
+
+model → final hidden states (no logits), times the model's logit scale → lm_head weight and bias (gathered
+under ZeRO-3) → the config's final-logit soft-cap → ``sk.sequence_logprobs`` / ``sk.sppo_loss``. The Trainer
+and TRL integrations, the pipeline's reflogps and train stages and the examples all call the functions here.
 
 Works on any ``*ForCausalLM`` of transformers (Llama, Mistral, Gemma-2, Qwen2, ...) and on the same model
-wrapped by PEFT, DDP / FSDP(1), a DeepSpeed engine or ``torch.compile``.
+wrapped by PEFT, DDP / FSDP(1), a DeepSpeed engine or ``torch.compile``. The building blocks
+(:func:`final_hidden_states`, :func:`lm_head_params`, :func:`logit_scale`, :func:`logit_softcap`,
+:func:`unwrap_model`, :func:`find_peft_model`) are defined in :mod:`.model_parts` and re-exported here.
+
+Old names, kept as aliases: ``sequence_logprobs`` = :func:`model_sequence_logprobs`, ``reference_logprobs`` =
+:func:`model_reference_logprobs`, ``sppo_loss`` = :func:`model_sppo_loss`.
 """
 
 from __future__ import annotations
 
-import inspect
-from contextlib import nullcontext as _nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+import sppo_kernels as sk
+from sppo_kernels.integrations.model_parts import (
+    final_hidden_states,
+    find_peft_model,
+    lm_head_params,
+    logit_scale,
+    logit_softcap,
+    unwrap_model,
+)
+from sppo_kernels.integrations.zero3 import gathered_lm_head
 
 __all__ = [
     "final_hidden_states",
@@ -19,6 +39,9 @@ __all__ = [
     "lm_head_params",
     "logit_scale",
     "logit_softcap",
+    "model_reference_logprobs",
+    "model_sequence_logprobs",
+    "model_sppo_loss",
     "reference_logprobs",
     "sequence_logprobs",
     "sppo_loss",
@@ -26,154 +49,39 @@ __all__ = [
 ]
 
 
-def _is_peft_model(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model under any DDP/FSDP/DeepSpeed (``.module``), ``torch.compile`` or PEFT wrapper."""
-    while True:
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        elif isinstance(getattr(model, "module", None), nn.Module):
-            model = model.module
-        elif _is_peft_model(model):
-            model = model.get_base_model()
-        else:
-            return model
-
-
-def _text_config(model: nn.Module) -> Any:
-    config = unwrap_model(model).config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def logit_softcap(model: nn.Module) -> float | None:
-    """The final-logit soft-cap ``c`` of ``z = c·tanh(a/c)`` (Gemma-2: 30.0), or None when the model has none."""
-    cap = getattr(_text_config(model), "final_logit_softcapping", None)
-    return float(cap) if cap else None
-
-
-def logit_scale(model: nn.Module) -> float:
-    """The multiplier the model applies to ``h·Wᵀ`` before any soft-cap (1.0 for most models).
-
-    Cohere's ``logit_scale`` multiplies, Granite's ``logits_scaling`` divides. Multiplying the hidden states by
-    it before the op reproduces the model's logits exactly.
-    """
-    config = _text_config(model)
-    scale = getattr(config, "logit_scale", None)
-    if scale is not None:
-        return float(scale)
-    divisor = getattr(config, "logits_scaling", None)
-    return 1.0 / float(divisor) if divisor is not None else 1.0
-
-
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(unwrap_model(model).forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def final_hidden_states(
-    model: nn.Module, input_ids: Tensor, attention_mask: Tensor | None = None, **forward_kwargs: Any
-) -> Tensor:
-    """The normed last hidden state [B, T, H] (model dtype) that the lm_head would see; no logits are built.
-
-    input_ids, attention_mask: [B, T] (packed rows: pass ``position_ids`` in ``forward_kwargs``).
-    The call goes through ``model`` itself, so DDP, DeepSpeed and PEFT wrappers see a normal forward; a hook on
-    the decoder captures its output and ``logits_to_keep`` selects zero positions, so the lm_head multiplies
-    an empty tensor. Models whose forward lacks ``logits_to_keep`` get their decoder called directly.
-    """
-    decoder = unwrap_model(model).get_decoder()
-    kwargs: dict[str, Any] = {"attention_mask": attention_mask, "use_cache": False, **forward_kwargs}
-    if not _accepts_logits_to_keep(model):
-        return decoder(input_ids=input_ids, **kwargs).last_hidden_state
-    captured: list[Any] = []
-    handle = decoder.register_forward_hook(lambda _module, _args, output: captured.append(output))
-    try:
-        no_positions = torch.empty(0, dtype=torch.long, device=input_ids.device)
-        model(input_ids=input_ids, logits_to_keep=no_positions, **kwargs)
-    finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"{type(decoder).__name__} was not called by the forward of {type(model).__name__}")
-    output = captured[-1]
-    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-
-def _active_lora_delta(head: nn.Module) -> Tensor | None:
-    """Sum of the active LoRA deltas [V, H] of a PEFT-wrapped lm_head (None when no adapter is active)."""
-    if getattr(head, "disable_adapters", False) or getattr(head, "merged", False):
-        return None
-    delta = None
-    for name in head.active_adapters:
-        if name not in head.lora_A:
-            continue
-        if name in getattr(head, "lora_variant", {}):
-            raise NotImplementedError(f"lm_head adapter {name!r} is a LoRA variant (e.g. DoRA); only plain LoRA")
-        dropout = head.lora_dropout[name]
-        if head.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
-            raise NotImplementedError(
-                f"lm_head adapter {name!r} has lora_dropout={dropout.p} in training mode; the fused op needs one "
-                "weight matrix. Use lora_dropout=0 for the lm_head adapter."
-            )
-        step = head.get_delta_weight(name)
-        delta = step if delta is None else delta + step
-    return delta
-
-
-def lm_head_params(model: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """The lm_head weight [V, H] and bias [V] (or None) that produce the model's logits.
-
-    Tied embeddings share one Parameter, returned as is. PEFT: ``modules_to_save`` copies are followed, and an
-    active LoRA adapter on the lm_head is folded in (``W + ΔW``, differentiable in the adapter weights).
-    Plain (unadapted) heads return the Parameter objects themselves.
-    """
-    head = unwrap_model(model).get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings (lm_head)")
-    if hasattr(head, "modules_to_save") and hasattr(head, "original_module"):  # PEFT ModulesToSaveWrapper
-        active = [] if head.disable_adapters else head.active_adapters
-        head = head.modules_to_save[active[0]] if active else head.original_module
-    delta = _active_lora_delta(head) if hasattr(head, "lora_A") else None
-    if hasattr(head, "get_base_layer"):
-        head = head.get_base_layer()
-    weight, bias = head.weight, getattr(head, "bias", None)
-    if delta is not None:
-        weight = weight + delta.to(weight.dtype)
-    return weight, bias
-
-
-def find_peft_model(model: nn.Module) -> nn.Module | None:
-    """The PEFT model (``model`` itself or inside DDP/DeepSpeed/compile wrappers), or None."""
-    while not _is_peft_model(model):
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            return None
-        model = inner
-    return model
-
-
-def _op_inputs(
+def _run_on_model(
+    op: Callable[..., Any],
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor | None,
     labels: Tensor,
     cu_seqlens: Tensor | None,
     forward_kwargs: dict[str, Any],
-) -> tuple[Tensor, Tensor]:
-    """Hidden states scaled by :func:`logit_scale` and labels, flattened to [N, H]/[N] for packed rows."""
+    *op_args: Tensor,
+    **op_options: Any,
+) -> Any:
+    """``op(hidden, weight, labels, *op_args, bias=, cu_seqlens=, softcap=, **op_options)`` on ``model``'s own
+    hidden states (scaled by :func:`logit_scale`; flattened to [N, H] for packed rows), lm_head and soft-cap."""
     hidden = final_hidden_states(model, input_ids, attention_mask, **forward_kwargs)
     scale = logit_scale(model)
     if scale != 1.0:
         hidden = hidden * scale
     if cu_seqlens is not None:
         hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    return hidden, labels
+    with gathered_lm_head(model) as (weight, bias):
+        return op(
+            hidden,
+            weight,
+            labels,
+            *op_args,
+            bias=bias,
+            cu_seqlens=cu_seqlens,
+            softcap=logit_softcap(model),
+            **op_options,
+        )
 
 
-def sequence_logprobs(
+def model_sequence_logprobs(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor | None,
@@ -190,28 +98,16 @@ def sequence_logprobs(
     input_ids, attention_mask, labels: [B, T] (HF convention: labels aligned with input_ids, ``ignore_index``
     on prompt and padding). Packed rows: input_ids/labels [1, N], ``cu_seqlens`` [B+1] and ``position_ids`` in
     ``forward_kwargs``. The soft-cap and logit scale come from the model's config; ``temperature`` divides the
-    (soft-capped) logits. ZeRO-3 partitioned heads are handled (:func:`zero3.gathered_lm_head`).
-    Differentiable; wrap in ``torch.no_grad()`` for a reference pass (see :func:`reference_logprobs`).
+    (soft-capped) logits. ZeRO-3 partitioned heads are handled (:func:`.zero3.gathered_lm_head`).
+    Differentiable; wrap in ``torch.no_grad()`` for a reference pass (see :func:`model_reference_logprobs`).
     """
-    from sppo_kernels import sequence_logprobs as op
-    from sppo_kernels.integrations.zero3 import gathered_lm_head
-
-    hidden, labels = _op_inputs(model, input_ids, attention_mask, labels, cu_seqlens, forward_kwargs)
-    with gathered_lm_head(model) as (weight, bias):
-        return op(
-            hidden,
-            weight,
-            labels,
-            bias=bias,
-            cu_seqlens=cu_seqlens,
-            ignore_index=ignore_index,
-            softcap=logit_softcap(model),
-            temperature=temperature,
-            backend=backend,
-        )
+    options = {"ignore_index": ignore_index, "temperature": temperature, "backend": backend}
+    return _run_on_model(
+        sk.sequence_logprobs, model, input_ids, attention_mask, labels, cu_seqlens, forward_kwargs, **options
+    )
 
 
-def reference_logprobs(
+def model_reference_logprobs(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor | None,
@@ -220,18 +116,18 @@ def reference_logprobs(
     disable_adapters: bool = False,
     **kwargs: Any,
 ) -> Tensor:
-    """:func:`sequence_logprobs` [B] float32 under ``torch.no_grad()``: the reference model's log-probs.
+    """:func:`model_sequence_logprobs` [B] float32 under ``torch.no_grad()``: the reference model's log-probs.
 
     ``disable_adapters=True`` evaluates a PEFT policy with its adapters off (the base model as reference).
     """
     peft_model = find_peft_model(model) if disable_adapters else None
     if disable_adapters and peft_model is None:
         raise ValueError("disable_adapters=True needs a PEFT model")
-    with torch.no_grad(), peft_model.disable_adapter() if peft_model is not None else _nullcontext():
-        return sequence_logprobs(model, input_ids, attention_mask, labels, **kwargs)
+    with torch.no_grad(), peft_model.disable_adapter() if peft_model is not None else nullcontext():
+        return model_sequence_logprobs(model, input_ids, attention_mask, labels, **kwargs)
 
 
-def sppo_loss(
+def model_sppo_loss(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor | None,
@@ -253,16 +149,14 @@ def sppo_loss(
 
     target_probs: [B] win-rate targets. The reference log-probs [B] are ``ref_logps`` if given, else computed
     without gradient from ``ref_model``, else (PEFT policies) from ``model`` with its adapters disabled.
-    Other arguments as in :func:`sequence_logprobs`; returns the float32 loss or ``(loss, policy_logps [B])``.
+    Other arguments as in :func:`model_sequence_logprobs`; returns the float32 loss or
+    ``(loss, policy_logps [B])``.
     """
-    from sppo_kernels import sppo_loss as op
-    from sppo_kernels.integrations.zero3 import gathered_lm_head
-
     options: dict[str, Any] = {"temperature": temperature, "ignore_index": ignore_index, "backend": backend}
     if ref_logps is None:
         if ref_model is None and find_peft_model(model) is None:
             raise ValueError("pass ref_logps or ref_model (or a PEFT model, whose adapters are then disabled)")
-        ref_logps = reference_logprobs(
+        ref_logps = model_reference_logprobs(
             ref_model if ref_model is not None else model,
             input_ids,
             attention_mask,
@@ -272,19 +166,24 @@ def sppo_loss(
             **options,
             **forward_kwargs,
         )
-    hidden, flat_labels = _op_inputs(model, input_ids, attention_mask, labels, cu_seqlens, forward_kwargs)
-    with gathered_lm_head(model) as (weight, bias):
-        return op(
-            hidden,
-            weight,
-            flat_labels,
-            ref_logps,
-            target_probs,
-            eta=eta,
-            bias=bias,
-            cu_seqlens=cu_seqlens,
-            softcap=logit_softcap(model),
-            reduction=reduction,
-            return_logps=return_logps,
-            **options,
-        )
+    return _run_on_model(
+        sk.sppo_loss,
+        model,
+        input_ids,
+        attention_mask,
+        labels,
+        cu_seqlens,
+        forward_kwargs,
+        ref_logps,
+        target_probs,
+        eta=eta,
+        reduction=reduction,
+        return_logps=return_logps,
+        **options,
+    )
+
+
+# Old names, kept as aliases (they read like the op-level functions of ``sppo_kernels``, which take tensors).
+sequence_logprobs = model_sequence_logprobs
+reference_logprobs = model_reference_logprobs
+sppo_loss = model_sppo_loss

@@ -15,7 +15,9 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
+from sppo_kernels.deprecation import renamed_attributes
 from sppo_kernels.integrations import hf
+from sppo_kernels.integrations.batching import IGNORE_INDEX, right_pad
 
 __all__ = ["SPPODataCollator", "SPPOTrainer"]
 
@@ -27,36 +29,32 @@ class SPPODataCollator:
     """Right-pads per-sequence rows into input_ids/attention_mask/labels [B, T] long, target_probs/ref_logps [B] f32."""
 
     pad_token_id: int = 0
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     pad_to_multiple_of: int | None = None
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Tensor]:
-        longest = max(len(row["input_ids"]) for row in rows)
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch: dict[str, Tensor] = {
-            "input_ids": torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long),
-            "attention_mask": torch.zeros(len(rows), longest, dtype=torch.long),
-            "labels": torch.full((len(rows), longest), self.ignore_index, dtype=torch.long),
-        }
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            batch["input_ids"][i, :n] = torch.as_tensor(row["input_ids"])
-            batch["attention_mask"][i, :n] = 1
-            batch["labels"][i, :n] = torch.as_tensor(row["labels"])
+        batch = right_pad(
+            [row["input_ids"] for row in rows],
+            [row["labels"] for row in rows],
+            pad_token_id=self.pad_token_id,
+            ignore_index=self.ignore_index,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+        )
         for key in ("target_probs", "ref_logps"):
             if key in rows[0]:
                 batch[key] = torch.tensor([float(row[key]) for row in rows], dtype=torch.float32)
         return batch
 
 
+@renamed_attributes(loss_backend="backend")
 class SPPOTrainer(Trainer):
-    """``Trainer`` whose ``compute_loss`` is :func:`hf.sppo_loss` (mean over the batch's sequences).
+    """``Trainer`` whose ``compute_loss`` is :func:`hf.model_sppo_loss` (mean over the batch's sequences).
 
     Extra arguments: ``ref_model`` (frozen π_t; not needed when the data has ``ref_logps`` or the model is a
-    PEFT model), ``eta`` (1/β, default 1000), ``temperature`` (divides the logits), ``loss_backend``
-    (``sppo_kernels`` backend). The default collator is :class:`SPPODataCollator`. Gradient accumulation
-    averages the per-micro-batch means, as the reference SPPO trainer does.
+    PEFT model), ``eta`` (1/β, default 1000), ``temperature`` (divides the logits), ``backend``
+    (``sppo_kernels`` backend; ``loss_backend`` is its deprecated old name). The default collator is
+    :class:`SPPODataCollator`. Gradient accumulation averages the per-micro-batch means, as the reference SPPO
+    trainer does.
     """
 
     def __init__(
@@ -65,7 +63,7 @@ class SPPOTrainer(Trainer):
         ref_model: nn.Module | None = None,
         eta: float = 1000.0,
         temperature: float = 1.0,
-        loss_backend: str = "auto",
+        backend: str = "auto",
         **kwargs: Any,
     ) -> None:
         if kwargs.get("data_collator") is None:
@@ -73,13 +71,13 @@ class SPPOTrainer(Trainer):
             pad = getattr(getattr(model, "config", None), "pad_token_id", None)
             kwargs["data_collator"] = SPPODataCollator(pad_token_id=pad or 0)
         super().__init__(*args, **kwargs)
-        self.eta, self.temperature, self.loss_backend = eta, temperature, loss_backend
+        self.eta, self.temperature, self.backend = eta, temperature, backend
         self.loss_is_scaled_for_ga = False  # a per-micro-batch mean: let Trainer divide by the accumulation steps
         self.ref_model = None
         if ref_model is not None:
             if self.is_deepspeed_enabled:
                 raise ValueError(
-                    "with DeepSpeed, precompute the reference log-probs (hf.reference_logprobs) into a "
+                    "with DeepSpeed, precompute the reference log-probs (hf.model_reference_logprobs) into a "
                     "`ref_logps` column instead of passing ref_model"
                 )
             ref_model.requires_grad_(False)
@@ -97,7 +95,7 @@ class SPPOTrainer(Trainer):
         num_items_in_batch: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Float32 SPPO loss of the batch; with ``return_outputs`` also ``{"logps": policy log-probs [B]}``."""
-        loss, logps = hf.sppo_loss(
+        loss, logps = hf.model_sppo_loss(
             model,
             inputs["input_ids"],
             inputs.get("attention_mask"),
@@ -107,7 +105,7 @@ class SPPOTrainer(Trainer):
             ref_model=self.ref_model,
             eta=self.eta,
             temperature=self.temperature,
-            backend=self.loss_backend,
+            backend=self.backend,
             return_logps=True,
         )
         return (loss, {"logps": logps.detach()}) if return_outputs else loss

@@ -19,6 +19,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from sppo_kernels import PAIR_LOSS_TYPES, pair_targets
+from sppo_kernels.deprecation import renamed_attributes
 from sppo_kernels.integrations import hf
 
 __all__ = ["DEFAULT_PROB_COLUMNS", "SPPODPOTrainer"]
@@ -40,12 +41,14 @@ class _WithProbColumns:
         return batch
 
 
+@renamed_attributes(loss_backend="backend")
 class SPPODPOTrainer(DPOTrainer):
     """``trl.DPOTrainer`` with the SPPO losses on ``sppo_kernels`` (no logits are built).
 
     Extra arguments: ``prob_columns`` (overrides of :data:`DEFAULT_PROB_COLUMNS`), ``temperature`` (divides the
-    logits of policy and reference), ``loss_backend``. Gemma-2's soft-cap is read from the config. Other loss
-    types train as in TRL, with the fused reference log-probs.
+    logits of policy and reference), ``backend`` (``sppo_kernels`` backend; ``loss_backend`` is its deprecated
+    old name). Gemma-2's soft-cap is read from the config. Other loss types train as in TRL, with the fused
+    reference log-probs.
     """
 
     def __init__(
@@ -53,11 +56,11 @@ class SPPODPOTrainer(DPOTrainer):
         *args: Any,
         prob_columns: dict[str, str] | None = None,
         temperature: float = 1.0,
-        loss_backend: str = "auto",
+        backend: str = "auto",
         **kwargs: Any,
     ) -> None:
         self.prob_columns = {**DEFAULT_PROB_COLUMNS, **(prob_columns or {})}
-        self.sppo_temperature, self.loss_backend = temperature, loss_backend
+        self.sppo_temperature, self.backend = temperature, backend
         super().__init__(*args, **kwargs)
         sppo_types = [t for t in self.loss_types if t in PAIR_LOSS_TYPES]
         self.sppo_type = sppo_types[0] if sppo_types else None
@@ -78,13 +81,13 @@ class SPPODPOTrainer(DPOTrainer):
     def _fused_logps(self, model: nn.Module, inputs: dict[str, Tensor]) -> Tensor:
         """Per-sequence log-probs [2P] of the completions (chosen rows, then rejected rows)."""
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        return hf.sequence_logprobs(
+        return hf.model_sequence_logprobs(
             model,
             inputs["input_ids"],
             inputs["attention_mask"],
             labels,
             temperature=self.sppo_temperature,
-            backend=self.loss_backend,
+            backend=self.backend,
         )
 
     def compute_ref_log_probs(self, model: nn.Module, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -118,7 +121,7 @@ class SPPODPOTrainer(DPOTrainer):
             num_pairs=inputs["input_ids"].shape[0] // 2,
         )
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
-        loss, logps = hf.sppo_loss(
+        loss, logps = hf.model_sppo_loss(
             model,
             inputs["input_ids"],
             inputs["attention_mask"],
@@ -127,7 +130,7 @@ class SPPODPOTrainer(DPOTrainer):
             ref_logps=torch.cat([ref_chosen, ref_rejected]).to(labels.device),
             eta=1.0 / self.beta,
             temperature=self.sppo_temperature,
-            backend=self.loss_backend,
+            backend=self.backend,
             return_logps=True,
         )
         loss = loss * targets.loss_scale

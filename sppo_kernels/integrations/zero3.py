@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sppo_kernels.integrations.hf import lm_head_params, unwrap_model
+from sppo_kernels.integrations.model_parts import lm_head_module, lm_head_params
 
 __all__ = ["gathered_lm_head", "partitioned_head_params"]
 
@@ -47,7 +47,7 @@ def _status() -> Any:
 
 def partitioned_head_params(model: nn.Module) -> list[nn.Parameter]:
     """The ZeRO-3 managed parameters of the lm_head module (weight, bias, PEFT adapters); [] without ZeRO-3."""
-    head = unwrap_model(model).get_output_embeddings()
+    head = lm_head_module(model)
     if head is None:
         return []
     unique = {id(p): p for p in head.parameters() if hasattr(p, "ds_id")}
@@ -111,7 +111,7 @@ def _storage_key(t: Tensor) -> int | None:
 
 @contextmanager
 def gathered_lm_head(model: nn.Module) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """Yield ``(weight [V, H], bias [V] | None)`` of the lm_head (see :func:`hf.lm_head_params`), usable by the op.
+    """Yield ``(weight [V, H], bias [V] | None)`` of the lm_head (:func:`.model_parts.lm_head_params`) for the op.
 
     Under ZeRO-3 the parameters are gathered for the block and again in the backward, which may run inside or
     after the block. Without deepspeed, or when nothing is partitioned, this only yields the parameters.

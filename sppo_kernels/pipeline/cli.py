@@ -8,67 +8,36 @@ sppo-train demo --out DIR                                                tiny CP
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from sppo_kernels.pipeline import run
 from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.generate import GenerateOptions
-from sppo_kernels.pipeline.modeling import ModelOptions
 from sppo_kernels.pipeline.options import add_options, from_args
-from sppo_kernels.pipeline.prompts import PromptOptions
-from sppo_kernels.pipeline.rank import RankOptions
-from sppo_kernels.pipeline.reflogps import RefLogpsOptions
-from sppo_kernels.pipeline.run import PipelineOptions, RunOptions
-from sppo_kernels.pipeline.targets import TargetsOptions
-from sppo_kernels.pipeline.train import TrainOptions
+from sppo_kernels.pipeline.stages import MODEL, PROMPTS, STAGES, Input, PipelineOptions, stage
 
-GROUPS = {
-    "run": RunOptions,
-    "prompts": PromptOptions,
-    "model": ModelOptions,
-    "generate": GenerateOptions,
-    "rank": RankOptions,
-    "targets": TargetsOptions,
-    "reflogps": RefLogpsOptions,
-    "train": TrainOptions,
-}
-STAGE_GROUPS = {
-    "generate": ("prompts", "model", "generate"),
-    "rank": ("rank",),
-    "targets": ("targets",),
-    "reflogps": ("model", "reflogps"),
-    "train": ("model", "train"),
-    "run": tuple(GROUPS),
-}
+GROUPS = {f.name: f.default_factory for f in dataclasses.fields(PipelineOptions)}  # option group -> its dataclass
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``sppo-train`` argument parser with one subcommand per stage, plus ``run`` and ``demo``."""
+    """The ``sppo-train`` argument parser: ``run``, one subcommand per stage of the stage table, and ``demo``."""
     parser = argparse.ArgumentParser(prog="sppo-train", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, help_text: str, inputs: Sequence[tuple[str, str]]) -> None:
+    def command(name: str, help_text: str, inputs: Sequence[Input], groups: Sequence[str]) -> None:
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        for flag, what in inputs:
-            sub.add_argument(flag, required=True, help=what)
+        for i in inputs:
+            sub.add_argument(f"--{i.name}", required=True, help=i.help)
         sub.add_argument("--out", required=True, type=Path, help="output folder")
-        for group in STAGE_GROUPS[name]:
+        for group in groups:
             add_options(sub, GROUPS[group], title=f"{group} options")
 
-    model = ("--model", "policy π_t: a local folder or a hub name")
-    prompts = ("--prompts", "prompt file (.jsonl/.json/.txt) or a datasets name/folder")
-    command("run", "all stages for N iterations (resumes an interrupted run)", [model, prompts])
-    command("generate", "sample K responses per prompt", [model, prompts])
-    command("rank", "judge the responses pairwise (PairRM)", [("--generations", "generations.jsonl")])
-    command(
-        "targets",
-        "win-rate targets from the judge logits",
-        [("--generations", "generations.jsonl"), ("--rankings", "rankings.jsonl")],
-    )
-    command("reflogps", "tokenise and store log-probs under π_t", [model, ("--targets", "targets.jsonl")])
-    command("train", "one SPPO epoch with DeepSpeed", [model, ("--data", "train_data.parquet")])
+    command("run", "all stages for N iterations (resumes an interrupted run)", (MODEL, PROMPTS), tuple(GROUPS))
+    for s in STAGES:
+        command(s.name, s.help, s.inputs, s.groups)
     demo = commands.add_parser("demo", help="tiny end-to-end smoke run on the CPU (random weights, no downloads)")
     demo.add_argument("--out", type=Path, default=Path("sppo-demo"), help="output folder (default: ./sppo-demo)")
     demo.add_argument("--arch", choices=("llama", "gemma2"), default="llama", help="tiny policy architecture")
@@ -76,32 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _options(args: argparse.Namespace) -> PipelineOptions:
-    return PipelineOptions(**{group: from_args(GROUPS[group], args) for group in STAGE_GROUPS[args.command]})
+def _options(args: argparse.Namespace, groups: Sequence[str]) -> PipelineOptions:
+    """The options of ``groups`` from the parsed flags, the other groups' defaults."""
+    return PipelineOptions(**{group: from_args(GROUPS[group], args) for group in groups})
 
 
 def dispatch(args: argparse.Namespace) -> None:
     """Run the parsed subcommand."""
-    from sppo_kernels.pipeline import demo, generate, rank, reflogps, run, targets, train
-    from sppo_kernels.pipeline.prompts import load_prompts
-
     if args.command == "demo":
+        from sppo_kernels.pipeline import demo
+
         demo.run_demo(args.out, arch=args.arch, iterations=args.iterations)
-        return
-    o = _options(args)
-    if args.command == "run":
-        run.run_pipeline(args.model, args.prompts, args.out, o)
-    elif args.command == "generate":
-        prompts = load_prompts(args.prompts, o.prompts)
-        generate.run_generate(args.model, prompts, args.out, o.generate, o.model)
-    elif args.command == "rank":
-        rank.run_rank(args.generations, args.out, o.rank)
-    elif args.command == "targets":
-        targets.run_targets(args.generations, args.rankings, args.out, o.targets)
-    elif args.command == "reflogps":
-        reflogps.run_reflogps(args.model, args.targets, args.out, o.reflogps, o.model)
+    elif args.command == "run":
+        run.run_pipeline(args.model, args.prompts, args.out, _options(args, tuple(GROUPS)))
     else:
-        train.run_train(args.model, args.data, args.out, o.train, o.model)
+        chosen = stage(args.command)
+        chosen.run({i.name: getattr(args, i.name) for i in chosen.inputs}, args.out, _options(args, chosen.groups))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

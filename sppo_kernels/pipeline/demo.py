@@ -1,7 +1,7 @@
 """``sppo-train demo``: the whole pipeline on a CPU in a few minutes, with nothing downloaded.
 
 Everything is built offline and has RANDOM weights: a byte-level BPE tokenizer trained on the bundled prompts,
-a tiny Llama or Gemma-2 policy (from :func:`sppo_kernels.integrations.testing.tiny_causal_lm`) and a tiny PairRM
+a tiny Llama or Gemma-2 policy (from :func:`sppo_kernels.tiny_models.tiny_causal_lm`) and a tiny PairRM
 (a small DeBERTa-v2 in llm-blender's ranker format, loaded through the real llm-blender code). It is a smoke
 run of the machinery, not a model-quality result.
 """
@@ -53,7 +53,7 @@ def build_policy_tokenizer(texts: Sequence[str], vocab_size: int = 384) -> Any:
 
 def build_policy(folder: str | Path, texts: Sequence[str], *, arch: str = "llama", seed: int = 0) -> Path:
     """Save a tiny random policy (``arch``: llama or gemma2) with its tokenizer to ``folder``."""
-    from sppo_kernels.integrations.testing import tiny_causal_lm
+    from sppo_kernels.tiny_models import tiny_causal_lm
 
     tokenizer = build_policy_tokenizer(texts)
     ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}

@@ -13,22 +13,20 @@ from __future__ import annotations
 import importlib.util
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from sppo_kernels.pipeline import chat
+from sppo_kernels.pipeline import chat, schema
 from sppo_kernels.pipeline.errors import PipelineError
 from sppo_kernels.pipeline.modeling import ModelOptions, default_device, default_dtype, load_causal_lm
 from sppo_kernels.pipeline.options import opt
 from sppo_kernels.pipeline.prompts import Prompt
-from sppo_kernels.pipeline.store import chunks, mark_done, run_units, write_jsonl
+from sppo_kernels.pipeline.store import chunks, finish_stage, run_units, write_jsonl
 
 STAGE = "generate"
-OUTPUT = "generations.jsonl"
-ROW_KEYS = ("id", "messages", "responses", "finish_reasons")
 
 
 @dataclass
@@ -202,7 +200,7 @@ def run_generate(
         return [s._asdict() for s in samples]
 
     results = run_units(
-        out_dir / "generate_units",
+        schema.units_dir(out_dir, STAGE),
         units,
         work,
         desc="generate",
@@ -215,21 +213,18 @@ def run_generate(
             rows[i]["responses"].append(sample["text"])
             rows[i]["finish_reasons"].append(sample["finish_reason"])
             rows[i]["num_tokens"].append(sample["num_tokens"])
-    path = out_dir / OUTPUT
+    path = schema.GENERATIONS.path(out_dir)
     write_jsonl(path, rows)
     num_tokens = [n for row in rows for n in row["num_tokens"]]
-    summary = {
+    counts = {
         "prompts": len(rows),
         "responses": len(num_tokens),
         "mean_tokens": float(np.mean(num_tokens)),
         "hit_max_new_tokens": sum(r == "length" for row in rows for r in row["finish_reasons"]),
-        "seconds": round(time.perf_counter() - started, 2),
-        "options": asdict(options),
     }
-    mark_done(out_dir, STAGE, summary)
-    print(
-        f"[generate] {summary['prompts']} prompts x {options.num_responses} responses, "
-        f"mean {summary['mean_tokens']:.1f} tokens, {summary['hit_max_new_tokens']} cut at max_new_tokens, "
-        f"{summary['seconds']}s -> {path}"
+    report = (
+        f"{counts['prompts']} prompts x {options.num_responses} responses, mean {counts['mean_tokens']:.1f} tokens, "
+        f"{counts['hit_max_new_tokens']} cut at max_new_tokens"
     )
+    finish_stage(out_dir, STAGE, counts, started=started, options=options, report=report, output=path)
     return path

@@ -1,4 +1,7 @@
-"""Model loading, batch padding and the hidden states fed to the fused op (shared by reflogps and train)."""
+"""The model options of every stage that loads the policy, model loading, and right-padded token batches.
+
+The log-probs and the loss themselves come from the model-level recipe, :mod:`sppo_kernels.integrations.hf`.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +14,20 @@ import torch
 from torch import Tensor
 
 import sppo_kernels as sk
-from sppo_kernels.integrations import hf
+from sppo_kernels.deprecation import renamed_attributes
+from sppo_kernels.integrations.batching import prompt_masked_labels, right_pad
 from sppo_kernels.pipeline.errors import PipelineError
 from sppo_kernels.pipeline.options import opt
 
-IGNORE_INDEX = -100
 
-
+@renamed_attributes(kernel_backend="backend")
 @dataclass
 class ModelOptions:
-    """How policy checkpoints are loaded and which kernel computes their log-probs (all model stages)."""
+    """How policy checkpoints are loaded and which kernel computes their log-probs (all model stages).
+
+    ``backend`` is ``--kernel-backend`` on the command line and ``kernel_backend`` in ``run.json`` (the command
+    line also has a generation backend); ``ModelOptions(kernel_backend=...)`` is its deprecated old spelling.
+    """
 
     trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code")
     attn_implementation: str | None = opt(
@@ -28,7 +35,9 @@ class ModelOptions:
         "attention kernel (default: flash_attention_2 if installed on CUDA, eager for soft-capped "
         "attention without it, else sdpa)",
     )
-    kernel_backend: str = opt("auto", "sppo_kernels backend for the log-probs and the loss", sk.BACKENDS)
+    backend: str = opt(
+        "auto", "sppo_kernels backend for the log-probs and the loss", sk.BACKENDS, name="kernel_backend"
+    )
 
 
 def default_device() -> torch.device:
@@ -71,22 +80,9 @@ def load_causal_lm(path: str, options: ModelOptions, *, device: torch.device, dt
 
 
 def pad_batch(rows: Sequence[dict[str, Any]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` [B, T] (int64) from rows with
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` [B, T] (int64) on ``device`` from rows with
     ``input_ids`` and ``prompt_length``; labels are -100 on prompt and padding (HF convention, unshifted)."""
-    width = max(len(row["input_ids"]) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for b, row in enumerate(rows):
-        n, p = len(row["input_ids"]), row["prompt_length"]
-        ids[b, :n] = torch.as_tensor(row["input_ids"])
-        mask[b, :n] = 1
-        labels[b, p:n] = ids[b, p:n]
-    return ids.to(device), mask.to(device), labels.to(device)
-
-
-def head_hidden(model: Any, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Final hidden states [B, T, H] scaled so that ``hidden·Wᵀ`` (then the soft-cap) gives the model's logits."""
-    hidden = hf.final_hidden_states(model, input_ids, attention_mask)
-    scale = hf.logit_scale(model)
-    return hidden if scale == 1.0 else hidden * scale
+    ids = [row["input_ids"] for row in rows]
+    labels = [prompt_masked_labels(row["input_ids"], row["prompt_length"]) for row in rows]
+    batch = right_pad(ids, labels, pad_token_id=pad_id)
+    return tuple(batch[key].to(device) for key in ("input_ids", "attention_mask", "labels"))  # type: ignore[return-value]

@@ -1,7 +1,9 @@
 """Stage options as dataclasses, mapped to and from command-line flags so that each option is declared once.
 
 A field ``max_new_tokens: int = 2048`` with ``metadata={"help": ...}`` becomes ``--max-new-tokens``; booleans
-become ``--flag/--no-flag``; ``X | None`` fields accept a value or default to None.
+become ``--flag/--no-flag``; ``X | None`` fields accept a value or default to None. An option's name on the
+command line and in ``run.json`` is its field name unless ``opt(..., name=...)`` says otherwise (the model
+options' ``backend`` is ``--kernel-backend``: the command line also has a generation backend).
 """
 
 from __future__ import annotations
@@ -17,13 +19,19 @@ from sppo_kernels.pipeline.errors import PipelineError
 OptionsT = TypeVar("OptionsT")
 
 
-def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field with the help text (and choices) of its command-line flag."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None, *, name: str | None = None) -> Any:
+    """A dataclass field with the help text (and choices) of its command-line flag; ``name``: the option's name
+    on the command line and in records when it differs from the field's."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "name": name})
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+def option_name(field: dataclasses.Field) -> str:
+    """The name of ``field`` on the command line (with dashes) and in ``run.json`` / stage summaries."""
+    return field.metadata.get("name") or field.name
+
+
+def _flag(field: dataclasses.Field) -> str:
+    return "--" + option_name(field).replace("_", "-")
 
 
 def _value_type(hint: Any) -> type:
@@ -43,14 +51,14 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, title: str | None
         kind = _value_type(hints[field.name])
         help_text = f"{field.metadata.get('help', '')} (default: {field.default})"
         if kind is bool:
-            group.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(_flag(field), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             group.add_argument(
-                _flag(field.name),
+                _flag(field),
                 type=kind,
                 default=None,
                 choices=field.metadata.get("choices"),
-                metavar=field.name.upper(),
+                metavar=option_name(field).upper(),
                 help=help_text,
             )
 
@@ -59,7 +67,7 @@ def from_args(cls: type[OptionsT], args: argparse.Namespace, **overrides: Any) -
     """Build ``cls`` from parsed flags: flags given on the command line win over ``overrides`` over defaults."""
     values = dict(overrides)
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-        given = getattr(args, field.name, None)
+        given = getattr(args, option_name(field), None)
         if given is not None:
             values[field.name] = given
     return validated(cls(**values))
@@ -71,7 +79,7 @@ def validated(options: OptionsT) -> OptionsT:
         choices = field.metadata.get("choices")
         value = getattr(options, field.name)
         if choices and value not in choices:
-            raise PipelineError(f"{_flag(field.name)} must be one of {choices}, got {value!r}")
+            raise PipelineError(f"{_flag(field)} must be one of {choices}, got {value!r}")
     return options
 
 
@@ -83,7 +91,12 @@ def to_argv(options: Any) -> list[str]:
         if value == field.default:
             continue
         if isinstance(value, bool):
-            argv.append(_flag(field.name) if value else "--no-" + field.name.replace("_", "-"))
+            argv.append(_flag(field) if value else "--no-" + _flag(field)[2:])
         elif value is not None:
-            argv += [_flag(field.name), str(value)]
+            argv += [_flag(field), str(value)]
     return argv
+
+
+def to_record(options: Any) -> dict[str, Any]:
+    """``{option name: value}`` of an options object, as stored in ``run.json`` and in stage summaries."""
+    return {option_name(field): getattr(options, field.name) for field in dataclasses.fields(options)}

@@ -11,21 +11,19 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from sppo_kernels.pipeline import generate
+from sppo_kernels.pipeline import schema
 from sppo_kernels.pipeline.errors import PipelineError
 from sppo_kernels.pipeline.options import opt
 from sppo_kernels.pipeline.prompts import Prompt
-from sppo_kernels.pipeline.store import chunks, mark_done, read_rows, run_units, write_jsonl
+from sppo_kernels.pipeline.store import chunks, finish_stage, read_rows, run_units, write_jsonl
 
 STAGE = "rank"
-OUTPUT = "rankings.jsonl"
-ROW_KEYS = ("id", "logits")
 
 
 @dataclass
@@ -130,7 +128,7 @@ def run_rank(
     """Judge all responses of ``generations.jsonl``; returns the path of ``rankings.jsonl``."""
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    rows = read_rows(generations_path, generate.ROW_KEYS)
+    rows = read_rows(generations_path, schema.GENERATIONS.required)
     if not rows:
         raise PipelineError(f"{generations_path} holds no generations")
     sizes = {len(row["responses"]) for row in rows}
@@ -156,10 +154,9 @@ def run_rank(
         return [{"id": row["id"], "logits": matrix.tolist()} for row, matrix in zip(shard, logits, strict=True)]
 
     shards = chunks(rows, options.rank_shard_size)
-    results = run_units(out_dir / "rank_units", shards, work, desc="rank", total=len(rows), weight=len)
-    path = out_dir / OUTPUT
+    results = run_units(schema.units_dir(out_dir, STAGE), shards, work, desc="rank", total=len(rows), weight=len)
+    path = schema.RANKINGS.path(out_dir)
     write_jsonl(path, [row for shard in results for row in shard])
-    summary = {"prompts": len(rows), "seconds": round(time.perf_counter() - started, 2), "options": asdict(options)}
-    mark_done(out_dir, STAGE, summary)
-    print(f"[rank] {len(rows)} prompts judged pairwise, {summary['seconds']}s -> {path}")
+    report = f"{len(rows)} prompts judged pairwise"
+    finish_stage(out_dir, STAGE, {"prompts": len(rows)}, started=started, options=options, report=report, output=path)
     return path

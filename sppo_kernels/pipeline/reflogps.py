@@ -4,22 +4,24 @@
 ``ref_logp`` with the data means training keeps no second model in memory (the reference trainer keeps a
 ZeRO-3 copy of π_t and recomputes these every step).
 
-Output ``train_data.parquet`` (a ``datasets`` table), one row per sequence: ``id``, ``role``,
-``response_index``, ``input_ids``, ``prompt_length``, ``truncated``, ``target``, ``loss_scale``, ``ref_logp``.
+Output ``train_data.parquet`` (a ``datasets`` table), one row per sequence, with the columns of
+:data:`~sppo_kernels.pipeline.schema.TRAIN_DATA`: those it shares with ``targets.jsonl`` (``id``, ``role``,
+``response_index``, ``target``, ``loss_scale``), then ``input_ids``, ``prompt_length``, ``truncated`` and
+``ref_logp``. The log-probs come from :func:`sppo_kernels.integrations.hf.model_reference_logprobs`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sppo_kernels.integrations import hf
-from sppo_kernels.pipeline import chat, targets
+from sppo_kernels.pipeline import chat, schema
 from sppo_kernels.pipeline.errors import PipelineError
 from sppo_kernels.pipeline.modeling import (
     ModelOptions,
@@ -29,11 +31,10 @@ from sppo_kernels.pipeline.modeling import (
     pad_batch,
 )
 from sppo_kernels.pipeline.options import opt
-from sppo_kernels.pipeline.store import atomic_path, chunks, mark_done, read_rows, run_units
+from sppo_kernels.pipeline.store import atomic_path, chunks, finish_stage, read_rows, run_units
 
 STAGE = "reflogps"
-OUTPUT = "train_data.parquet"
-COLUMNS = ("id", "role", "response_index", "input_ids", "prompt_length", "truncated", "target", "loss_scale")
+CARRIED = tuple(column for column in schema.TRAIN_DATA.columns if column in schema.TARGETS.columns)
 
 
 @dataclass
@@ -48,7 +49,7 @@ class RefLogpsOptions:
 
 
 def tokenize_targets(rows: Sequence[dict[str, Any]], tokenizer: Any, options: RefLogpsOptions) -> list[dict[str, Any]]:
-    """Training rows (the ``COLUMNS`` fields) for the rows of ``targets.jsonl``."""
+    """Training rows (the columns of ``train_data.parquet`` but ``ref_logp``) for the rows of ``targets.jsonl``."""
     out = []
     for row in rows:
         encoded = chat.encode_sequence(
@@ -61,7 +62,7 @@ def tokenize_targets(rows: Sequence[dict[str, Any]], tokenizer: Any, options: Re
         )
         out.append(
             {
-                **{key: row[key] for key in ("id", "role", "response_index", "target", "loss_scale")},
+                **{key: row[key] for key in CARRIED},
                 "input_ids": encoded.input_ids,
                 "prompt_length": encoded.prompt_length,
                 "truncated": encoded.truncated,
@@ -70,14 +71,17 @@ def tokenize_targets(rows: Sequence[dict[str, Any]], tokenizer: Any, options: Re
     return out
 
 
-@torch.no_grad()
-def sequence_logps(
+def rows_reference_logprobs(
     model: Any, rows: Sequence[dict[str, Any]], pad_id: int, device: torch.device, backend: str = "auto"
 ) -> list[float]:
-    """Summed response log-probs (float) of ``rows`` under ``model``, via :func:`hf.reference_logprobs`."""
+    """Summed response log-probs (float, no gradient) under ``model`` of training rows (``input_ids``,
+    ``prompt_length``), via :func:`hf.model_reference_logprobs`."""
     input_ids, mask, labels = pad_batch(rows, pad_id, device)
-    logps = hf.reference_logprobs(model, input_ids, mask, labels, backend=backend)
+    logps = hf.model_reference_logprobs(model, input_ids, mask, labels, backend=backend)
     return logps.float().cpu().tolist()
+
+
+sequence_logps = rows_reference_logprobs  # the old name, kept as an alias
 
 
 def run_reflogps(
@@ -94,7 +98,7 @@ def run_reflogps(
     out_dir = Path(out_dir)
     started = time.perf_counter()
     tokenizer = chat.load_tokenizer(model_path, trust_remote_code=model_options.trust_remote_code)
-    rows = tokenize_targets(read_rows(targets_path, targets.ROW_KEYS), tokenizer, options)
+    rows = tokenize_targets(read_rows(targets_path, schema.TARGETS.required), tokenizer, options)
     truncated = sum(row["truncated"] for row in rows)
     if options.drop_truncated:
         rows = [row for row in rows if not row["truncated"]]
@@ -110,27 +114,23 @@ def run_reflogps(
             model.to(device).eval()
         logps = []
         for batch in chunks(shard, options.reflogps_batch_size):
-            logps += sequence_logps(model, batch, tokenizer.pad_token_id, device, model_options.kernel_backend)
+            logps += rows_reference_logprobs(model, batch, tokenizer.pad_token_id, device, model_options.backend)
         return [{"ref_logp": value} for value in logps]
 
     shards = chunks(rows, options.reflogps_shard_size)
-    results = run_units(out_dir / "reflogps_units", shards, work, desc="ref logps", total=len(rows), weight=len)
+    units = schema.units_dir(out_dir, STAGE)
+    results = run_units(units, shards, work, desc="ref logps", total=len(rows), weight=len)
     for row, result in zip(rows, (r for shard in results for r in shard), strict=True):
         row["ref_logp"] = result["ref_logp"]
-    path = out_dir / OUTPUT
+    path = schema.TRAIN_DATA.path(out_dir)
     with atomic_path(path) as tmp:
         datasets.Dataset.from_list(rows).to_parquet(str(tmp))
-    summary = {
+    counts = {
         "sequences": len(rows),
         "truncated": truncated,
         "mean_ref_logp": sum(row["ref_logp"] for row in rows) / len(rows),
-        "seconds": round(time.perf_counter() - started, 2),
-        "options": asdict(options),
     }
-    mark_done(out_dir, STAGE, summary)
-    print(
-        f"[reflogps] {len(rows)} sequences ({truncated} truncated"
-        f"{', dropped' if options.drop_truncated else ''}), mean log-prob {summary['mean_ref_logp']:.2f}, "
-        f"{summary['seconds']}s -> {path}"
-    )
+    dropped = ", dropped" if options.drop_truncated else ""
+    report = f"{len(rows)} sequences ({truncated} truncated{dropped}), mean log-prob {counts['mean_ref_logp']:.2f}"
+    finish_stage(out_dir, STAGE, counts, started=started, options=options, report=report, output=path)
     return path

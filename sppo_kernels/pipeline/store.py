@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,10 +20,10 @@ from typing import Any, TypeVar
 from tqdm.auto import tqdm
 
 from sppo_kernels.pipeline.errors import PipelineError
+from sppo_kernels.pipeline.options import to_record
+from sppo_kernels.pipeline.schema import marker_path
 
 T = TypeVar("T")
-
-MARKER_DIR = "stages"
 
 
 def _temp_sibling(path: Path) -> Path:
@@ -111,11 +112,6 @@ def read_rows(path: str | os.PathLike[str], keys: Sequence[str]) -> list[dict[st
     return rows
 
 
-def marker_path(folder: str | os.PathLike[str], stage: str) -> Path:
-    """Where the completion marker of ``stage`` in ``folder`` lives."""
-    return Path(folder) / MARKER_DIR / f"{stage}.json"
-
-
 def stage_summary(folder: str | os.PathLike[str], stage: str) -> dict[str, Any] | None:
     """The summary stored by :func:`mark_done`, or None when the stage has not finished."""
     path = marker_path(folder, stage)
@@ -125,6 +121,25 @@ def stage_summary(folder: str | os.PathLike[str], stage: str) -> dict[str, Any] 
 def mark_done(folder: str | os.PathLike[str], stage: str, summary: dict[str, Any]) -> None:
     """Record that ``stage`` finished; call only after all its outputs are in place."""
     write_json(marker_path(folder, stage), summary)
+
+
+def finish_stage(
+    folder: str | os.PathLike[str],
+    stage: str,
+    summary: dict[str, Any],
+    *,
+    started: float,
+    options: Any,
+    report: str,
+    output: str | os.PathLike[str],
+) -> dict[str, Any]:
+    """Mark ``stage`` finished in ``folder`` with ``summary`` plus the ``seconds`` since ``started``
+    (``time.perf_counter()``) and its ``options``, and print its one-line report ``[stage] report, <seconds>s ->
+    output``. Call after all outputs are in place; returns what was stored."""
+    summary = {**summary, "seconds": round(time.perf_counter() - started, 2), "options": to_record(options)}
+    mark_done(folder, stage, summary)
+    print(f"[{stage}] {report}, {summary['seconds']}s -> {output}")
+    return summary
 
 
 def run_units(

@@ -18,7 +18,7 @@ sequence: ``{"id", "messages", "response", "response_index", "role", "target", "
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,14 +26,12 @@ import numpy as np
 import torch
 
 import sppo_kernels as sk
-from sppo_kernels.pipeline import generate, rank
+from sppo_kernels.pipeline import schema
 from sppo_kernels.pipeline.errors import PipelineError
 from sppo_kernels.pipeline.options import opt
-from sppo_kernels.pipeline.store import mark_done, read_rows, write_jsonl
+from sppo_kernels.pipeline.store import finish_stage, read_rows, write_jsonl
 
 STAGE = "targets"
-OUTPUT = "targets.jsonl"
-ROW_KEYS = ("id", "messages", "response", "response_index", "role", "target", "loss_scale", "complete")
 
 
 @dataclass
@@ -154,22 +152,16 @@ def run_targets(
     """Turn generations + judge logits into ``targets.jsonl``; returns its path."""
     out_dir = Path(out_dir)
     started = time.perf_counter()
-    generations = read_rows(generations_path, generate.ROW_KEYS)
-    rows, counts = build_targets(generations, read_rows(rankings_path, rank.ROW_KEYS), options)
+    generations = read_rows(generations_path, schema.GENERATIONS.required)
+    rows, counts = build_targets(generations, read_rows(rankings_path, schema.RANKINGS.required), options)
     if not rows:
         raise PipelineError(f"no training sequences left: {counts}")
-    path = out_dir / OUTPUT
+    path = schema.TARGETS.path(out_dir)
     write_jsonl(path, rows)
-    summary = {
-        **counts,
-        "sequences": len(rows),
-        "mean_target": float(np.mean([r["target"] for r in rows])),
-        "seconds": round(time.perf_counter() - started, 2),
-        "options": asdict(options),
-    }
-    mark_done(out_dir, STAGE, summary)
-    print(
-        f"[targets] {counts['kept']}/{counts['prompts']} prompts kept ({counts['dropped_all_ties']} all-tie), "
-        f"{len(rows)} sequences, mode {options.target_mode} -> {path}"
+    counts.update(sequences=len(rows), mean_target=float(np.mean([r["target"] for r in rows])))
+    report = (
+        f"{counts['kept']}/{counts['prompts']} prompts kept ({counts['dropped_all_ties']} all-tie), "
+        f"{len(rows)} sequences, mode {options.target_mode}"
     )
+    finish_stage(out_dir, STAGE, counts, started=started, options=options, report=report, output=path)
     return path

@@ -1,8 +1,9 @@
 """Stage 5: one SPPO epoch with DeepSpeed (ZeRO-3 by default) on the stored targets and ref log-probs.
 
 Runs in one process, or in many under ``torchrun`` / ``deepspeed`` (one per GPU, any number of nodes). The loss
-is ``sk.sppo_loss`` on the final hidden states and the lm_head weight, which ZeRO-3 partitions:
-:func:`sppo_kernels.integrations.zero3.gathered_lm_head` makes it usable with the unpartitioned gradient.
+is :func:`sppo_kernels.integrations.hf.model_sppo_loss`: ``sk.sppo_loss`` on the final hidden states and the
+lm_head weight, which ZeRO-3 partitions (:func:`sppo_kernels.integrations.zero3.gathered_lm_head` makes it
+usable with the unpartitioned gradient).
 
 Batches: ``global_batch_size`` sequences per optimizer step over all processes (pairs stay adjacent; pair order
 shuffled with ``seed`` each epoch), split into micro-batches of ``micro_batch_size`` per process with gradient
@@ -24,7 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,26 +33,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import sppo_kernels as sk
-from sppo_kernels.integrations import hf, zero3
-from sppo_kernels.pipeline import chat
+from sppo_kernels.integrations import hf
+from sppo_kernels.pipeline import chat, schema
 from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.modeling import (
-    ModelOptions,
-    default_device,
-    head_hidden,
-    load_causal_lm,
-    pad_batch,
-)
+from sppo_kernels.pipeline.modeling import ModelOptions, default_device, load_causal_lm, pad_batch
 from sppo_kernels.pipeline.options import opt
-from sppo_kernels.pipeline.reflogps import COLUMNS
-from sppo_kernels.pipeline.store import atomic_path, mark_done, read_json, read_jsonl, write_json, write_jsonl
+from sppo_kernels.pipeline.store import atomic_path, finish_stage, read_json, read_jsonl, write_json, write_jsonl
 
 STAGE = "train"
-MODEL_DIR = "model"
-METRICS = "metrics.jsonl"
-LOSS_PLOT = "loss.png"
-CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -182,7 +171,7 @@ def load_rows(path: str | Path) -> list[dict[str, Any]]:
         table = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
     except Exception as e:  # pyarrow and datasets raise several types for a corrupt file
         raise PipelineError(f"cannot read {path} as a parquet table: {e}") from e
-    missing = sorted({*COLUMNS, "ref_logp"} - set(table.column_names))
+    missing = sorted(set(schema.TRAIN_DATA.required) - set(table.column_names))
     if missing:
         raise PipelineError(f"{path} lacks the columns {missing}; was it written by the reflogps stage?")
     return table.to_list()
@@ -230,19 +219,19 @@ def plot_loss(metrics: Sequence[dict[str, Any]], path: str | Path) -> None:
 
 
 def _checkpoint_state(folder: Path) -> dict[str, Any] | None:
-    latest = folder / "latest.json"
+    latest = folder / schema.LATEST_CHECKPOINT
     return read_json(latest) if latest.is_file() else None
 
 
 def save_checkpoint(engine: Any, folder: Path, step: int) -> None:
-    """Save DeepSpeed state for ``step`` (all ranks), then point ``latest.json`` at it and drop older ones."""
+    """Save DeepSpeed state for ``step`` (all ranks), then point ``LATEST_CHECKPOINT`` at it and drop older ones."""
     import torch.distributed as dist
 
     tag = f"step-{step:07d}"
     engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step}, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
-        write_json(folder / "latest.json", {"tag": tag, "step": step})
+        write_json(folder / schema.LATEST_CHECKPOINT, {"tag": tag, "step": step})
         for old in folder.glob("step-*"):
             if old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)
@@ -271,13 +260,7 @@ STATS = ("loss", "log_ratio", "policy_logp", "sequences", "tokens", "up", "log_r
 
 
 def _step(
-    engine: Any,
-    rows: Sequence[dict[str, Any]],
-    pad_id: int,
-    device: torch.device,
-    eta: float,
-    softcap: float | None,
-    backend: str,
+    engine: Any, rows: Sequence[dict[str, Any]], pad_id: int, device: torch.device, eta: float, backend: str
 ) -> torch.Tensor:
     """Forward + backward of one micro-batch; returns its sums of the ``STATS`` quantities, [len(STATS)] float32.
 
@@ -286,11 +269,9 @@ def _step(
     input_ids, mask, labels = pad_batch(rows, pad_id, device)
     ref = torch.tensor([row["ref_logp"] for row in rows], dtype=torch.float32, device=device)
     target = torch.tensor([row["target"] for row in rows], dtype=torch.float32, device=device)
-    hidden = head_hidden(engine, input_ids, mask)
-    with zero3.gathered_lm_head(engine) as (weight, bias):
-        loss, logps = sk.sppo_loss(
-            hidden, weight, labels, ref, target, eta=eta, bias=bias, softcap=softcap, backend=backend, return_logps=True
-        )
+    loss, logps = hf.model_sppo_loss(
+        engine, input_ids, mask, labels, target, ref_logps=ref, eta=eta, backend=backend, return_logps=True
+    )
     loss = loss * rows[0]["loss_scale"]
     engine.backward(loss)
     engine.step()
@@ -359,16 +340,16 @@ def run_train(
     finally:
         del zero3_config
         unset_hf_deepspeed_config()
-    softcap, pad_id = hf.logit_softcap(engine), tokenizer.pad_token_id
-    checkpoints = out_dir / CHECKPOINTS
+    pad_id = tokenizer.pad_token_id
+    checkpoints = out_dir / schema.CHECKPOINTS
     resume = _checkpoint_state(checkpoints)
     start_step = 0
     metrics: list[dict[str, Any]] = []
     if resume is not None:
         _, client_state = engine.load_checkpoint(str(checkpoints), tag=resume["tag"])
         start_step = int(client_state["step"])
-        if (out_dir / METRICS).is_file():
-            metrics = [m for m in read_jsonl(out_dir / METRICS) if m["step"] <= start_step]
+        if schema.METRICS.path(out_dir).is_file():
+            metrics = [m for m in read_jsonl(schema.METRICS.path(out_dir)) if m["step"] <= start_step]
         if rank == 0:
             print(f"[train] resuming from {checkpoints / resume['tag']} (step {start_step}/{total_steps})")
     engine.train()
@@ -381,7 +362,7 @@ def run_train(
             sums = torch.zeros(len(STATS), device=device)
             for m in range(gas):
                 batch = [rows[i] for i in micro_batch(order, in_epoch, m, rank, world, micro, gas)]
-                sums += _step(engine, batch, pad_id, device, options.eta, softcap, model_options.kernel_backend)
+                sums += _step(engine, batch, pad_id, device, options.eta, model_options.backend)
             dist.all_reduce(sums)
             total_of = dict(zip(STATS, sums.tolist(), strict=True))
             grad_norm = engine.get_global_grad_norm()
@@ -401,31 +382,30 @@ def run_train(
             }
             metrics.append(record)
             if rank == 0:
-                write_jsonl(out_dir / METRICS, metrics)
+                write_jsonl(schema.METRICS.path(out_dir), metrics)
             bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{lr:.2e}")
             bar.update(1)
             if (step + 1) % options.save_steps == 0 and step + 1 < total_steps:
                 save_checkpoint(engine, checkpoints, step + 1)
-    save_model(engine, tokenizer, out_dir / MODEL_DIR)
+    model_dir = out_dir / schema.MODEL_DIR
+    save_model(engine, tokenizer, model_dir)
     if rank == 0:
-        plot_loss(metrics, out_dir / LOSS_PLOT)
+        plot_loss(metrics, out_dir / schema.LOSS_PLOT)
         if not options.keep_checkpoints:
             shutil.rmtree(checkpoints, ignore_errors=True)
-        summary = {
+        counts = {
             "steps": total_steps,
             "sequences_per_step": total,
             "processes": world,
             "first_loss": metrics[0]["loss"],
             "last_loss": metrics[-1]["loss"],
-            "seconds": round(time.perf_counter() - started, 2),
             "deepspeed_config": config,
-            "options": asdict(options),
         }
-        mark_done(out_dir, STAGE, summary)
-        print(
-            f"[train] {total_steps} steps x {total} sequences on {world} process(es), loss "
-            f"{summary['first_loss']:.4g} -> {summary['last_loss']:.4g}, {summary['seconds']}s -> {out_dir / MODEL_DIR}"
+        report = (
+            f"{total_steps} steps x {total} sequences on {world} process(es), loss "
+            f"{counts['first_loss']:.4g} -> {counts['last_loss']:.4g}"
         )
+        finish_stage(out_dir, STAGE, counts, started=started, options=options, report=report, output=model_dir)
     dist.barrier()
     engine.destroy()
-    return out_dir / MODEL_DIR
+    return model_dir

@@ -5,6 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+# Training arguments shared by the Trainer and TRL tests: CPU, no logging to files, no saving, one log per step.
+QUIET_CPU_TRAINING = {
+    "use_cpu": True,
+    "report_to": [],
+    "save_strategy": "no",
+    "disable_tqdm": True,
+    "logging_steps": 1,
+    "learning_rate": 1e-3,
+}
+
 
 def plain_sequence_logprobs(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, temperature: float = 1.0

@@ -9,7 +9,7 @@ import torch
 from integration_helpers import assert_close_grads, grads, plain_sequence_logprobs, plain_sppo_loss
 
 from sppo_kernels.integrations import hf
-from sppo_kernels.integrations.testing import tiny_causal_lm, tiny_pair_batch
+from sppo_kernels.tiny_models import tiny_causal_lm, tiny_pair_batch
 
 
 def _logits_from_parts(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ def test_tied_head_is_the_embedding_parameter() -> None:
 def test_sequence_logprobs_match_materialised(model, batch, temperature: float) -> None:
     plain = copy.deepcopy(model)
     inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-    got = hf.sequence_logprobs(model, *inputs, temperature=temperature)
+    got = hf.model_sequence_logprobs(model, *inputs, temperature=temperature)
     want = plain_sequence_logprobs(plain, *inputs, temperature=temperature)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     (got * torch.tensor([1.0, -2.0, 0.5, 3.0])).sum().backward()
@@ -73,7 +73,7 @@ def test_sequence_logprobs_match_materialised(model, batch, temperature: float) 
 def test_sppo_loss_with_ref_model_matches_materialised(model, batch) -> None:
     plain, ref = copy.deepcopy(model), tiny_causal_lm(model.config.model_type, seed=9)
     inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-    loss, logps = hf.sppo_loss(
+    loss, logps = hf.model_sppo_loss(
         model, *inputs, batch["target_probs"], ref_model=ref, eta=50.0, temperature=0.8, return_logps=True
     )
     with torch.no_grad():
@@ -90,7 +90,7 @@ def test_sppo_loss_with_ref_model_matches_materialised(model, batch) -> None:
 
 def test_sppo_loss_needs_a_reference(model, batch) -> None:
     with pytest.raises(ValueError, match="ref_logps or ref_model"):
-        hf.sppo_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], batch["target_probs"])
+        hf.model_sppo_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"], batch["target_probs"])
 
 
 def test_packed_rows_match_separate_sequences() -> None:
@@ -101,7 +101,7 @@ def test_packed_rows_match_separate_sequences() -> None:
     labels = torch.cat([row[:n] for row, n in zip(b["labels"], lengths, strict=True)])[None]
     position_ids = torch.cat([torch.arange(n) for n in lengths.tolist()])[None]
     cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    got = hf.sequence_logprobs(model, ids, None, labels, cu_seqlens=cu_seqlens, position_ids=position_ids)
+    got = hf.model_sequence_logprobs(model, ids, None, labels, cu_seqlens=cu_seqlens, position_ids=position_ids)
     want = plain_sequence_logprobs(model, b["input_ids"], b["attention_mask"], b["labels"])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
@@ -111,7 +111,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(batch) -> None:
     plain = copy.deepcopy(model)
     model.gradient_checkpointing_enable()
     inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-    hf.sequence_logprobs(model, *inputs, temperature=1.3).sum().backward()
+    hf.model_sequence_logprobs(model, *inputs, temperature=1.3).sum().backward()
     plain_sequence_logprobs(plain, *inputs, temperature=1.3).sum().backward()
     assert_close_grads(grads(model), grads(plain))
 
@@ -123,5 +123,15 @@ def test_wrapped_model_goes_through_the_wrapper(batch) -> None:
     wrapped.register_forward_pre_hook(lambda _m, _args: calls.append(1))
     inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
     assert hf.unwrap_model(wrapped) is model
-    torch.testing.assert_close(hf.sequence_logprobs(wrapped, *inputs), hf.sequence_logprobs(model, *inputs))
+    torch.testing.assert_close(hf.model_sequence_logprobs(wrapped, *inputs), hf.model_sequence_logprobs(model, *inputs))
     assert calls == [1]
+
+
+def test_old_names_are_aliases() -> None:
+    from sppo_kernels import tiny_models
+    from sppo_kernels.integrations import testing
+
+    assert hf.sequence_logprobs is hf.model_sequence_logprobs
+    assert hf.reference_logprobs is hf.model_reference_logprobs
+    assert hf.sppo_loss is hf.model_sppo_loss
+    assert testing.tiny_causal_lm is tiny_models.tiny_causal_lm and testing.__all__ == tiny_models.__all__

@@ -9,7 +9,7 @@ import torch
 from integration_helpers import assert_close_grads, grads, plain_sequence_logprobs, plain_sppo_loss
 
 from sppo_kernels.integrations import hf
-from sppo_kernels.integrations.testing import tiny_causal_lm
+from sppo_kernels.tiny_models import tiny_causal_lm
 
 peft = pytest.importorskip("peft")
 
@@ -31,7 +31,7 @@ def test_peft_sppo_loss_matches_materialised(arch: str, batch, options) -> None:
     model = _lora(arch, **options)
     plain = copy.deepcopy(model)
     inputs = (batch["input_ids"], batch["attention_mask"], batch["labels"])
-    loss = hf.sppo_loss(model, *inputs, batch["target_probs"], eta=20.0, temperature=0.9)
+    loss = hf.model_sppo_loss(model, *inputs, batch["target_probs"], eta=20.0, temperature=0.9)
 
     with torch.no_grad(), plain.disable_adapter():
         ref_logps = plain_sequence_logprobs(plain, *inputs, temperature=0.9)

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from integration_helpers import assert_close_grads, grads, plain_sequence_logprobs, plain_sppo_loss
+from integration_helpers import QUIET_CPU_TRAINING, assert_close_grads, grads, plain_sequence_logprobs, plain_sppo_loss
 
-from sppo_kernels.integrations.testing import tiny_causal_lm, tiny_pair_batch
+from sppo_kernels.tiny_models import tiny_causal_lm, tiny_pair_batch
 
 datasets = pytest.importorskip("datasets")
 from transformers import TrainingArguments  # noqa: E402
@@ -37,12 +37,7 @@ def _args(tmp_path, **overrides) -> TrainingArguments:
         "output_dir": str(tmp_path),
         "per_device_train_batch_size": 4,
         "per_device_eval_batch_size": 4,
-        "use_cpu": True,
-        "report_to": [],
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        "logging_steps": 1,
-        "learning_rate": 1e-3,
+        **QUIET_CPU_TRAINING,
     }
     return TrainingArguments(**{**options, **overrides})
 
@@ -57,6 +52,19 @@ def test_collator_pads_right() -> None:
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     torch.testing.assert_close(out["target_probs"], torch.tensor([0.7, 0.2]))
+    padded = SPPODataCollator(pad_token_id=9, pad_to_multiple_of=4)(rows)
+    assert padded["input_ids"].tolist() == [[5, 6, 7, 9], [8, 9, 9, 9]] and padded["labels"].shape == (2, 4)
+    with pytest.raises(ValueError, match="3 input_ids but 2 labels"):
+        SPPODataCollator()([{"input_ids": [1, 2, 3], "labels": [2, 3], "target_probs": 0.5}])
+
+
+def test_loss_backend_is_a_deprecated_alias(tmp_path) -> None:
+    data = datasets.Dataset.from_list(_rows(tiny_pair_batch(1), torch.zeros(2)))
+    with pytest.warns(FutureWarning, match="use backend"):
+        trainer = SPPOTrainer(
+            model=tiny_causal_lm("llama"), args=_args(tmp_path), train_dataset=data, loss_backend="torch"
+        )
+    assert trainer.backend == trainer.loss_backend == "torch"
 
 
 def test_training_step_matches_materialised(arch: str, tmp_path) -> None:

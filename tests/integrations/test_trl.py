@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from integration_helpers import assert_close_grads, grads, plain_sequence_logprobs
+from integration_helpers import QUIET_CPU_TRAINING, assert_close_grads, grads, plain_sequence_logprobs
 
-from sppo_kernels.integrations.testing import tiny_causal_lm, tiny_char_tokenizer, tiny_preference_rows
+from sppo_kernels.tiny_models import tiny_causal_lm, tiny_char_tokenizer, tiny_preference_rows
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -28,12 +28,7 @@ def _config(tmp_path, loss_type: str, **overrides) -> trl.DPOConfig:
         "beta": BETA,
         "per_device_train_batch_size": 2,
         "max_length": None,
-        "use_cpu": True,
-        "report_to": [],
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        "logging_steps": 1,
-        "learning_rate": 1e-3,
+        **QUIET_CPU_TRAINING,
         "dataset_num_proc": None,
         "bf16": False,  # TRL defaults to bf16 autocast, also on CPU
     }
@@ -90,6 +85,13 @@ def test_sppo_losses_match_formulas(tmp_path, loss_type: str, arch: str, tempera
     want.backward()
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-3)
     assert_close_grads(grads(model), grads(plain))
+
+
+def test_loss_backend_is_a_deprecated_alias(tmp_path) -> None:
+    model, ref = tiny_causal_lm("llama"), tiny_causal_lm("llama", seed=1)
+    with pytest.warns(FutureWarning, match="use backend"):
+        trainer = _trainer(SPPODPOTrainer, tmp_path, "sppo", model, ref, loss_backend="torch")
+    assert trainer.backend == trainer.loss_backend == "torch"
 
 
 def test_sppo_hard_equals_trl_own(tmp_path) -> None:

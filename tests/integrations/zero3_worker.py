@@ -2,7 +2,7 @@
 
 Each rank trains on its own batch. The partitioned run must give the loss and the gradient of every parameter
 of the plain, unpartitioned model (materialised logits, gradients averaged over ranks) in every step: one step
-per op backend with ``hf.sppo_loss`` and the backward outside every gathering context (as ``engine.backward`` or
+per op backend with ``hf.model_sppo_loss`` and the backward outside every gathering context (as ``engine.backward`` or
 a Trainer runs it) -- ``cpu`` forms the gradient in the forward, ``chunked`` re-reads the saved weight in the
 backward, ``torch`` is plain autograd -- then one step with ``gathered_lm_head`` used by hand and the backward
 inside it. After each backward no parameter may be left gathered. Prints ``ZERO3-OK <arch>``.
@@ -22,8 +22,8 @@ from integration_helpers import assert_close_grads, grads, plain_sequence_logpro
 
 import sppo_kernels as sk
 from sppo_kernels.integrations import hf
-from sppo_kernels.integrations.testing import tiny_causal_lm, tiny_pair_batch
 from sppo_kernels.integrations.zero3 import gathered_lm_head
+from sppo_kernels.tiny_models import tiny_causal_lm, tiny_pair_batch
 
 ETA, TEMPERATURE = 10.0, 0.8
 BACKENDS = ("cpu", "chunked", "torch")
@@ -56,7 +56,7 @@ def check(arch: str, rank: int, world: int) -> None:
 
     for backend in (*BACKENDS, "inside"):
         if backend != "inside":
-            loss = hf.sppo_loss(
+            loss = hf.model_sppo_loss(
                 engine,
                 *inputs,
                 batch["target_probs"],

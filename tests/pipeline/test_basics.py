@@ -11,7 +11,8 @@ import pytest
 from sppo_kernels.pipeline import chat, store
 from sppo_kernels.pipeline.errors import PipelineError
 from sppo_kernels.pipeline.generate import GenerateOptions
-from sppo_kernels.pipeline.options import add_options, from_args, to_argv, validated
+from sppo_kernels.pipeline.modeling import ModelOptions
+from sppo_kernels.pipeline.options import add_options, from_args, to_argv, to_record, validated
 from sppo_kernels.pipeline.prompts import Prompt, PromptOptions, load_prompts, split_prompts
 from sppo_kernels.pipeline.targets import TargetsOptions
 from sppo_kernels.pipeline.train import TrainOptions
@@ -88,6 +89,26 @@ def test_options_round_trip_through_flags() -> None:
     args = parser.parse_args(argv)
     assert tuple(from_args(type(o), args) for o in options) == options
     assert from_args(GenerateOptions, parser.parse_args([])) == GenerateOptions()
+
+
+def test_model_backend_is_kernel_backend_outside_python() -> None:
+    """``ModelOptions.backend`` is ``--kernel-backend`` on the command line and ``kernel_backend`` in records;
+    ``kernel_backend`` is still accepted as the keyword and read as the attribute (deprecated)."""
+    parser = argparse.ArgumentParser()
+    add_options(parser, ModelOptions)
+    options = from_args(ModelOptions, parser.parse_args(["--kernel-backend", "chunked"]))
+    assert options == ModelOptions(backend="chunked")
+    assert to_argv(options) == ["--kernel-backend", "chunked"]
+    assert to_record(options) == {"trust_remote_code": False, "attn_implementation": None, "kernel_backend": "chunked"}
+    with pytest.warns(FutureWarning, match="use backend"):
+        old = ModelOptions(kernel_backend="cpu")
+    assert old.backend == "cpu"
+    with pytest.warns(FutureWarning, match="use backend"):
+        assert old.kernel_backend == "cpu"
+    with pytest.raises(TypeError, match="both"), pytest.warns(FutureWarning):
+        ModelOptions(backend="cpu", kernel_backend="cpu")
+    with pytest.raises(PipelineError, match="--kernel-backend must be one of"):
+        validated(ModelOptions(backend="fast"))
 
 
 def test_bad_choices_are_rejected() -> None:

@@ -11,10 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sppo_kernels.pipeline import cli, store, train
+from sppo_kernels.pipeline import cli, schema, store
 from sppo_kernels.pipeline.errors import PipelineError
 from sppo_kernels.pipeline.prompts import bundled_prompts_path
-from sppo_kernels.pipeline.run import STAGES, run_pipeline
+from sppo_kernels.pipeline.run import run_pipeline
+from sppo_kernels.pipeline.stages import STAGE_NAMES
 
 # Runs the CLI in a child process that SIGKILLs itself at a chosen point (argv[1]), like a crash or `kill -9`.
 KILLER = r"""
@@ -54,8 +55,8 @@ def test_rerun_skips_finished_stages(finished_run: Path, policy: Path, make_opti
     before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
     options = make_options(save_steps=1, keep_checkpoints=True)
     final = run_pipeline(str(policy), str(bundled_prompts_path()), finished_run, options)
-    assert final == folder / train.MODEL_DIR
-    assert capsys.readouterr().out.count("finished earlier") == len(STAGES)
+    assert final == folder / schema.MODEL_DIR
+    assert capsys.readouterr().out.count("finished earlier") == len(STAGE_NAMES)
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.name != "prompts.jsonl"} == {
         p: t for p, t in before.items() if p.name != "prompts.jsonl"
     }
@@ -91,7 +92,7 @@ def test_kill_and_resume_gives_the_same_artefacts(
     assert killed.returncode == -9
     assert "[generate]" in killed.stdout  # finished the 4 missing units
     assert store.stage_summary(folder, "reflogps") is not None and store.stage_summary(folder, "train") is None
-    assert store.read_json(folder / train.CHECKPOINTS / "latest.json")["step"] == 2
+    assert store.read_json(folder / schema.CHECKPOINTS / schema.LATEST_CHECKPOINT)["step"] == 2
 
     resumed = sppo_train(*argv)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -102,7 +103,7 @@ def test_kill_and_resume_gives_the_same_artefacts(
         assert (folder / name).read_text() == (reference / name).read_text(), name
     ranks, ref_ranks = store.read_jsonl(folder / "rankings.jsonl"), store.read_jsonl(reference / "rankings.jsonl")
     np.testing.assert_allclose([r["logits"] for r in ranks], [r["logits"] for r in ref_ranks], rtol=1e-5, atol=1e-6)
-    metrics, ref_metrics = store.read_jsonl(folder / train.METRICS), store.read_jsonl(reference / train.METRICS)
+    metrics, ref_metrics = (store.read_jsonl(schema.METRICS.path(f)) for f in (folder, reference))
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     assert [m["loss"] for m in metrics] == pytest.approx([m["loss"] for m in ref_metrics], rel=1e-5)
     weights, ref_weights = (load_file(str(f / "model" / "model.safetensors")) for f in (folder, reference))
@@ -121,11 +122,29 @@ def test_demo_end_to_end(tmp_path: Path, sppo_train: Callable) -> None:
     assert f"policy {tmp_path / 'run' / 'iter1' / 'model'}" in result.stdout  # π_2 samples iteration 2
     for t in (1, 2):
         folder = tmp_path / "run" / f"iter{t}"
-        assert all(store.stage_summary(folder, stage) for stage in STAGES)
+        assert all(store.stage_summary(folder, stage) for stage in STAGE_NAMES)
         assert (folder / "loss.png").is_file() and (folder / "model" / "model.safetensors").is_file()
         assert len(store.read_jsonl(folder / "metrics.jsonl")) == 6
     ids = [{r["id"] for r in store.read_jsonl(tmp_path / "run" / f"iter{t}" / "prompts.jsonl")} for t in (1, 2)]
     assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 48
+
+
+def test_artefacts_follow_the_schema(finished_run: Path) -> None:
+    """Every file of a finished iteration has exactly the schema's columns, in its order; names and markers too."""
+    import datasets
+
+    folder = schema.iteration_dir(finished_run, 1)
+    for artefact in (schema.PROMPTS, schema.GENERATIONS, schema.RANKINGS, schema.TARGETS, schema.METRICS):
+        rows = store.read_jsonl(artefact.path(folder))
+        assert rows and all(tuple(row) == artefact.columns for row in rows), artefact.name
+    table = datasets.Dataset.from_parquet(str(schema.TRAIN_DATA.path(folder)), keep_in_memory=True)
+    assert tuple(table.column_names) == schema.TRAIN_DATA.columns
+    assert all(schema.marker_path(folder, stage).is_file() for stage in STAGE_NAMES)
+    units = {schema.units_dir(folder, stage).name for stage in ("generate", "rank", "reflogps")}
+    assert {p.name for p in folder.glob("*_units")} == units
+    assert (folder / schema.LOSS_PLOT).is_file() and (folder / schema.MODEL_DIR).is_dir()
+    model_options = store.read_json(finished_run / schema.RUN_RECORD)["options"]["model"]
+    assert model_options == {"trust_remote_code": False, "attn_implementation": None, "kernel_backend": "auto"}
 
 
 # ---------------------------------------------------------------------------------------------- CLI errors
@@ -166,4 +185,4 @@ def test_cli_help_lists_all_commands(capsys) -> None:
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     text = capsys.readouterr().out
-    assert all(name in text for name in (*STAGES, "run", "demo"))
+    assert all(name in text for name in (*STAGE_NAMES, "run", "demo"))

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from sppo_kernels.pipeline import chat, generate, rank, reflogps, store
+from sppo_kernels.pipeline import chat, generate, rank, schema, store
 from sppo_kernels.pipeline.errors import PipelineError
 from sppo_kernels.pipeline.generate import GenerateOptions, run_generate
 from sppo_kernels.pipeline.prompts import Prompt
@@ -244,7 +244,7 @@ def test_reflogps_match_full_logits(tmp_path: Path, arch: str, request: pytest.F
     options = RefLogpsOptions(max_length=40, max_prompt_length=24, reflogps_batch_size=4, reflogps_shard_size=4)
     path = run_reflogps(str(model_dir), tmp_path / "targets.jsonl", tmp_path, options)
     rows = datasets.Dataset.from_parquet(str(path), keep_in_memory=True).to_list()
-    assert len(rows) == 6 and set(reflogps.COLUMNS) | {"ref_logp"} <= set(rows[0])
+    assert len(rows) == 6 and list(rows[0]) == list(schema.TRAIN_DATA.columns)
     assert [r["truncated"] for r in rows][3] is True
     np.testing.assert_allclose([r["ref_logp"] for r in rows], _logps_from_full_logits(model_dir, rows), rtol=1e-4)
     summary = store.stage_summary(tmp_path, "reflogps")

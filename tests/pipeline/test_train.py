@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sppo_kernels.pipeline import reflogps, store, train
+from sppo_kernels.pipeline import reflogps, schema, store, train
 from sppo_kernels.pipeline.errors import PipelineError
 from sppo_kernels.pipeline.train import TrainOptions, deepspeed_config, epoch_order, micro_batch, warmup_linear_decay
 
@@ -107,17 +107,17 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_in_process_zero3_iteration(finished_run: Path, policy: Path) -> None:
     folder = finished_run / "iter1"
-    metrics = store.read_jsonl(folder / train.METRICS)
+    metrics = store.read_jsonl(schema.METRICS.path(folder))
     summary = store.stage_summary(folder, "train")
     assert len(metrics) == summary["steps"] == 4 and summary["deepspeed_config"]["zero_optimization"]["stage"] == 3
     assert abs(metrics[0]["log_ratio"]) < 1e-3  # policy == π_t at the first step: ref log-probs are consistent
     assert metrics[0]["lr"] == pytest.approx(1e-4) and metrics[-1]["lr"] > 0
     assert all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in metrics)
-    assert (folder / train.LOSS_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    before, after = _weights(policy), _weights(folder / train.MODEL_DIR)
+    assert (folder / schema.LOSS_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    before, after = _weights(policy), _weights(folder / schema.MODEL_DIR)
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert (folder / train.CHECKPOINTS / "latest.json").is_file()  # kept by keep_checkpoints
+    assert (folder / schema.CHECKPOINTS / schema.LATEST_CHECKPOINT).is_file()  # kept by keep_checkpoints
 
 
 @pytest.mark.slow
@@ -132,12 +132,12 @@ def test_two_process_zero3_matches_one_process(
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     folder, reference = tmp_path / "iter1", finished_run / "iter1"
     assert (folder / "train_data.parquet").read_bytes() == (reference / "train_data.parquet").read_bytes()
-    two, one = store.read_jsonl(folder / train.METRICS), store.read_jsonl(reference / train.METRICS)
+    two, one = store.read_jsonl(schema.METRICS.path(folder)), store.read_jsonl(schema.METRICS.path(reference))
     assert store.stage_summary(folder, "train")["processes"] == 2
     assert [m["sequences"] for m in two] == [m["sequences"] for m in one]
     for key in ("loss", "log_ratio", "grad_norm", "lr"):
         assert [m[key] for m in two] == pytest.approx([m[key] for m in one], rel=1e-4, abs=1e-4), key
-    w1, w2 = _weights(reference / train.MODEL_DIR), _weights(folder / train.MODEL_DIR)
+    w1, w2 = _weights(reference / schema.MODEL_DIR), _weights(folder / schema.MODEL_DIR)
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5)
 
@@ -155,7 +155,7 @@ def test_gemma2_softcap_and_tied_head(
         str(gemma_policy), finished_run / "iter1" / "targets.jsonl", tmp_path, options.reflogps, options.model
     )
     model_dir = train.run_train(str(gemma_policy), data, tmp_path, options.train, options.model)
-    metrics = store.read_jsonl(tmp_path / train.METRICS)
+    metrics = store.read_jsonl(schema.METRICS.path(tmp_path))
     assert abs(metrics[0]["log_ratio"]) < 1e-3 and all(math.isfinite(m["loss"]) for m in metrics)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -178,16 +178,16 @@ def test_resume_continues_from_checkpoint(
 ) -> None:
     """Restart from the kept step-3 checkpoint: steps 4.. are recomputed and match the uninterrupted run."""
     source = finished_run / "iter1"
-    shutil.copytree(source / train.CHECKPOINTS, tmp_path / train.CHECKPOINTS)
-    metrics = store.read_jsonl(source / train.METRICS)
-    store.write_jsonl(tmp_path / train.METRICS, [*metrics[:3], {**metrics[3], "loss": -1.0}])  # a stale extra row
-    latest = store.read_json(tmp_path / train.CHECKPOINTS / "latest.json")
+    shutil.copytree(source / schema.CHECKPOINTS, tmp_path / schema.CHECKPOINTS)
+    metrics = store.read_jsonl(schema.METRICS.path(source))
+    store.write_jsonl(schema.METRICS.path(tmp_path), [*metrics[:3], {**metrics[3], "loss": -1.0}])  # a stale extra row
+    latest = store.read_json(tmp_path / schema.CHECKPOINTS / schema.LATEST_CHECKPOINT)
     assert latest["step"] == 3
     options = make_options(save_steps=1)
     train.run_train(str(policy), source / "train_data.parquet", tmp_path, options.train, options.model)
-    resumed = store.read_jsonl(tmp_path / train.METRICS)
+    resumed = store.read_jsonl(schema.METRICS.path(tmp_path))
     assert [m["loss"] for m in resumed] == pytest.approx([m["loss"] for m in metrics], rel=1e-5)
-    assert not (tmp_path / train.CHECKPOINTS).exists()
-    w1, w2 = _weights(source / train.MODEL_DIR), _weights(tmp_path / train.MODEL_DIR)
+    assert not (tmp_path / schema.CHECKPOINTS).exists()
+    w1, w2 = _weights(source / schema.MODEL_DIR), _weights(tmp_path / schema.MODEL_DIR)
     for name in w1:
         torch.testing.assert_close(w2[name], w1[name], rtol=1e-5, atol=1e-6)

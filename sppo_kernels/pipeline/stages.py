@@ -1,0 +1,178 @@
+"""The stage table: every stage of ``sppo-train`` with its inputs, its option groups and how it is run.
+
+``cli`` makes one subcommand per entry of :data:`STAGES` (its inputs become required flags, its option groups
+become flags), and ``run`` runs the entries in order in each iteration folder, passing each input the file of
+the folder that the schema names (the model input: the current policy). Adding a stage: write its module (a
+``run_*`` function and an options dataclass), add its options group to :class:`PipelineOptions` and its
+:class:`Stage` to :data:`STAGES` here.
+"""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sppo_kernels.pipeline import generate, rank, reflogps, schema, targets, train
+from sppo_kernels.pipeline.errors import PipelineError
+from sppo_kernels.pipeline.modeling import ModelOptions
+from sppo_kernels.pipeline.options import opt, to_argv
+from sppo_kernels.pipeline.prompts import PromptOptions, load_prompts
+
+__all__ = ["STAGES", "STAGE_NAMES", "Input", "PipelineOptions", "RunOptions", "Stage", "cli_command", "stage"]
+
+
+@dataclass
+class RunOptions:
+    """Iteration control."""
+
+    iterations: int = opt(3, "SPPO iterations, each on its own split of the prompts")
+    launcher: str | None = opt(
+        None,
+        "command that starts the train stage in several processes, e.g. 'torchrun --nproc_per_node 8' or "
+        "'deepspeed --hostfile hosts' (default: torchrun over the local GPUs when there are several, else "
+        "in this process)",
+    )
+
+
+@dataclass
+class PipelineOptions:
+    """Every option of every stage, by group (a group's flags are those of its options dataclass)."""
+
+    run: RunOptions = field(default_factory=RunOptions)
+    prompts: PromptOptions = field(default_factory=PromptOptions)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    generate: generate.GenerateOptions = field(default_factory=generate.GenerateOptions)
+    rank: rank.RankOptions = field(default_factory=rank.RankOptions)
+    targets: targets.TargetsOptions = field(default_factory=targets.TargetsOptions)
+    reflogps: reflogps.RefLogpsOptions = field(default_factory=reflogps.RefLogpsOptions)
+    train: train.TrainOptions = field(default_factory=train.TrainOptions)
+
+
+@dataclass(frozen=True)
+class Input:
+    """An input of a stage: the flag ``--<name>`` of its subcommand, and what ``run`` passes for it."""
+
+    name: str
+    help: str
+    artefact: schema.Artefact | None = None  # in a run, this file of the iteration folder; None: the policy π_t
+
+
+MODEL = Input("model", "policy π_t: a local folder or a hub name")
+PROMPTS = Input("prompts", "prompt file (.jsonl/.json/.txt) or a datasets name/folder", schema.PROMPTS)
+GENERATIONS = Input("generations", schema.GENERATIONS.name, schema.GENERATIONS)
+RANKINGS = Input("rankings", schema.RANKINGS.name, schema.RANKINGS)
+TARGETS = Input("targets", schema.TARGETS.name, schema.TARGETS)
+DATA = Input("data", schema.TRAIN_DATA.name, schema.TRAIN_DATA)
+
+Inputs = Mapping[str, str]  # input name -> the model, or a file's path
+Runner = Callable[[Inputs, Path, PipelineOptions, Any], Path]  # (inputs, out, options, scorer) -> main output
+
+
+def cli_command(launcher: str | None) -> list[str]:
+    """The command that runs ``sppo-train`` in a child process: ``python -m`` without a launcher, else the
+    launcher running the ``sppo-train`` console script (launchers take a script path)."""
+    if not launcher:
+        return [sys.executable, "-m", "sppo_kernels.pipeline.cli"]
+    script = Path(sys.executable).with_name("sppo-train")
+    found = str(script) if script.is_file() else shutil.which("sppo-train")
+    if found is None:
+        raise PipelineError("--launcher needs the sppo-train console script: pip install the package")
+    return [*shlex.split(launcher), found]
+
+
+def default_launcher() -> str | None:
+    """torchrun over all local GPUs when there are several, else None (train in this process)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return f"torchrun --standalone --nproc_per_node {count}" if count > 1 else None
+
+
+def in_process(_options: PipelineOptions) -> list[str] | None:
+    """The stage runs in the process of ``run``."""
+    return None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: its name (subcommand, marker), its inputs, the option groups it takes, its runner, and
+    ``child(options)``: the command that runs it in a child process during ``run``, or None for in-process."""
+
+    name: str
+    inputs: tuple[Input, ...]
+    groups: tuple[str, ...]
+    runner: Runner
+    child: Callable[[PipelineOptions], list[str] | None] = in_process
+    help: str = ""  # of its subcommand
+
+    def run(self, inputs: Inputs, out: Path, options: PipelineOptions, *, scorer: Any = None) -> Path:
+        """Run the stage in this process on ``inputs`` (``{input name: value}``), writing into ``out``."""
+        return self.runner(inputs, out, options, scorer)
+
+    def argv(self, inputs: Inputs, out: Path, options: PipelineOptions) -> list[str]:
+        """The ``sppo-train`` arguments that run the stage as :meth:`run` does."""
+        argv = [self.name, *(arg for i in self.inputs for arg in (f"--{i.name}", str(inputs[i.name])))]
+        return [*argv, "--out", str(out), *(arg for g in self.groups for arg in to_argv(getattr(options, g)))]
+
+
+# Runners: ``runner(inputs, out, options, scorer)`` calls the stage's ``run_*`` function.
+
+
+def _generate(i: Inputs, out: Path, o: PipelineOptions, scorer: Any) -> Path:
+    return generate.run_generate(i["model"], load_prompts(str(i["prompts"]), o.prompts), out, o.generate, o.model)
+
+
+def _rank(i: Inputs, out: Path, o: PipelineOptions, scorer: Any) -> Path:
+    return rank.run_rank(i["generations"], out, o.rank, scorer=scorer)
+
+
+def _targets(i: Inputs, out: Path, o: PipelineOptions, scorer: Any) -> Path:
+    return targets.run_targets(i["generations"], i["rankings"], out, o.targets)
+
+
+def _reflogps(i: Inputs, out: Path, o: PipelineOptions, scorer: Any) -> Path:
+    return reflogps.run_reflogps(i["model"], i["targets"], out, o.reflogps, o.model)
+
+
+def _train(i: Inputs, out: Path, o: PipelineOptions, scorer: Any) -> Path:
+    return train.run_train(i["model"], i["data"], out, o.train, o.model)
+
+
+def _generate_child(o: PipelineOptions) -> list[str] | None:
+    """vLLM generates in a child process, which returns its GPU memory before the next stages."""
+    backend = o.generate.generation_backend
+    return cli_command(None) if backend == "vllm" or (backend == "auto" and generate.vllm_usable()) else None
+
+
+def _train_child(o: PipelineOptions) -> list[str] | None:
+    """Several training processes start under the launcher."""
+    launcher = o.run.launcher or default_launcher()
+    return cli_command(launcher) if launcher else None
+
+
+# fmt: off
+STAGES: tuple[Stage, ...] = (  # in the order run runs them
+    #     name            inputs                  option groups                     runner     child process
+    Stage(generate.STAGE, (MODEL, PROMPTS),       ("prompts", "model", "generate"), _generate, _generate_child,
+          help="sample K responses per prompt"),
+    Stage(rank.STAGE,     (GENERATIONS,),         ("rank",),                        _rank,
+          help="judge the responses pairwise (PairRM)"),
+    Stage(targets.STAGE,  (GENERATIONS, RANKINGS), ("targets",),                    _targets,
+          help="win-rate targets from the judge logits"),
+    Stage(reflogps.STAGE, (MODEL, TARGETS),       ("model", "reflogps"),            _reflogps,
+          help="tokenise and store log-probs under π_t"),
+    Stage(train.STAGE,    (MODEL, DATA),          ("model", "train"),               _train,    _train_child,
+          help="one SPPO epoch with DeepSpeed"),
+)
+# fmt: on
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def stage(name: str) -> Stage:
+    """The stage called ``name``."""
+    return next(s for s in STAGES if s.name == name)
