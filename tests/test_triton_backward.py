@@ -12,6 +12,7 @@ from triton_cases import (
     plain_torch,
     run_reference,
     run_triton,
+    token_rows,
 )
 
 from sppo_kernels.autograd import fused_triton
@@ -79,10 +80,7 @@ def test_partial_gradients():
     case = make_case(seed=8)
     params = case.params(torch.float32)
     params["weight"].requires_grad_(False)
-    from sppo_kernels.inputs import prepare_rows
-
-    rows = prepare_rows(params["hidden"], params["weight"], case.labels.to(DEVICE), bias=None, cu_seqlens=None,
-                        ignore_index=-100, shift=True)  # fmt: skip
+    rows = token_rows(params["hidden"], params["weight"], case.labels.to(DEVICE))
     logps = fused_triton.TritonSequenceLogprobs.apply(
         rows.hidden, params["weight"], None, rows.targets, rows.seq_ids, rows.num_seqs, 4.0, 0.7, CHUNKED
     )
@@ -94,10 +92,7 @@ def test_double_backward_raises():
     case = make_case(seed=9, bias=False)
     hidden = case.hidden.float().to(DEVICE).requires_grad_(True)
     weight = case.weight.float().to(DEVICE).requires_grad_(True)
-    from sppo_kernels.inputs import prepare_rows
-
-    rows = prepare_rows(hidden, weight, case.labels.to(DEVICE), bias=None, cu_seqlens=None, ignore_index=-100,
-                        shift=True)  # fmt: skip
+    rows = token_rows(hidden, weight, case.labels.to(DEVICE))
     logps = fused_triton.TritonSequenceLogprobs.apply(
         rows.hidden, weight, None, rows.targets, rows.seq_ids, rows.num_seqs, None, 1.0, CHUNKED
     )

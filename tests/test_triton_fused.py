@@ -15,11 +15,11 @@ from triton_cases import (
     plain_torch,
     run_reference,
     run_triton,
+    token_rows,
 )
 
 from sppo_kernels.autograd import fused_triton
 from sppo_kernels.autograd.fused_triton import TritonConfig, TritonSPPOLoss
-from sppo_kernels.inputs import prepare_rows
 from sppo_kernels.losses import SPPOObjective
 from sppo_kernels.registry import triton_unavailable_reason
 
@@ -79,8 +79,7 @@ def test_gradient_through_logps_and_loss_recomputes():
     """An upstream gradient on logps as well as on the loss is not what the forward formed: recomputed, exact."""
     case = make_case(batch=3, seed=25)
     params = case.params(torch.float32)
-    rows = prepare_rows(params["hidden"], params["weight"], case.labels.to(DEVICE), bias=params["bias"],
-                        cu_seqlens=None, ignore_index=-100, shift=True)  # fmt: skip
+    rows = token_rows(params["hidden"], params["weight"], case.labels.to(DEVICE), params["bias"])
     config = fused_config(case.weight.shape[0], 4, 1000)
     args = (rows.hidden, params["weight"], params["bias"], rows.targets, rows.seq_ids, rows.num_seqs, case.softcap,
             case.temperature, config)  # fmt: skip
@@ -103,8 +102,7 @@ def test_scaled_upstream_reuses_the_formed_gradient(fused_calls):
     case = make_case(seed=26)
     base = run_triton(case, torch.float32, fused_config(case.weight.shape[0], 4, 1000), function="loss")
     params = case.params(torch.float32)
-    rows = prepare_rows(params["hidden"], params["weight"], case.labels.to(DEVICE), bias=params["bias"],
-                        cu_seqlens=None, ignore_index=-100, shift=True)  # fmt: skip
+    rows = token_rows(params["hidden"], params["weight"], case.labels.to(DEVICE), params["bias"])
     loss, _ = TritonSPPOLoss.apply(rows.hidden, params["weight"], params["bias"], rows.targets, rows.seq_ids,
                                    rows.num_seqs, case.softcap, case.temperature,
                                    fused_config(case.weight.shape[0], 4, 1000), objective(case), True)  # fmt: skip
@@ -157,3 +155,17 @@ def test_public_api_with_a_configured_backend(fused_calls):
     errs = errors(got | {"logps": want["logps"]}, want)
     assert all(err <= 1e-4 for err in errs.values()), errs
     assert fused_calls == [True]
+
+
+@pytest.mark.parametrize("tiles", ["gpu-default", "64x256x64-s3"])
+def test_gpu_tiles_in_the_interpreter(tiles):
+    """The sm_90 tile shapes (not only the small interpreter ones) through the chunked backward and the fused loss."""
+    block = fused_triton.GPU_CONFIGS[("fused", 2)] if tiles == "gpu-default" else fused_triton.SWEEP_TILES[tiles]
+    case = make_case(batch=2, length=40, width=83, vocab=300, seed=30)
+    want = run_reference(case)
+    for fused in (False, True):
+        config = TritonConfig(forward_block=block, backward_block=block, fused_block=block, fused_sppo_loss=fused,
+                              chunk_bytes=1, poison=True)  # fmt: skip
+        got = run_triton(case, torch.float32, config, function="loss")
+        errs = errors(got, want)
+        assert all(err <= 1e-4 for err in errs.values()), (fused, errs)

@@ -8,7 +8,7 @@ from core_cases import DEVICE, Case, rel_err
 from torch import Tensor
 
 from sppo_kernels.autograd.fused_triton import TritonConfig, TritonSequenceLogprobs, TritonSPPOLoss
-from sppo_kernels.inputs import prepare_rows
+from sppo_kernels.inputs import TokenRows, prepare
 from sppo_kernels.losses import SPPOObjective
 from sppo_kernels.reference import reference_sequence_logprobs
 
@@ -26,6 +26,14 @@ def upstream(out: Tensor, reduction: str) -> Tensor:
     return torch.ones_like(out)
 
 
+def token_rows(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Tensor | None = None,
+               cu_seqlens: Tensor | None = None, shift: bool = True) -> TokenRows:  # fmt: skip
+    """The validated token rows of the op's inputs (as the public functions build them)."""
+    rows, _ = prepare(hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=-100, softcap=None,
+                      temperature=1.0, shift=shift)  # fmt: skip
+    return rows
+
+
 def run_triton(case: Case, dtype: torch.dtype, config: TritonConfig, *, loss: str | None = "mean",
                seq_upstream: Tensor | None = None, function: str = "logprobs") -> dict[str, Tensor]:  # fmt: skip
     """Run the Triton backend on ``case``: ``function="logprobs"`` (TritonSequenceLogprobs, then the loss in torch)
@@ -33,8 +41,8 @@ def run_triton(case: Case, dtype: torch.dtype, config: TritonConfig, *, loss: st
     Returns out, logps and the gradients (as produced, in the parameter dtype)."""
     params = case.params(dtype)
     opts = case.options()
-    rows = prepare_rows(params["hidden"], params["weight"], opts["labels"], bias=params["bias"],
-                        cu_seqlens=opts["cu_seqlens"], ignore_index=-100, shift=case.shift)  # fmt: skip
+    rows = token_rows(params["hidden"], params["weight"], opts["labels"], params["bias"], opts["cu_seqlens"],
+                      case.shift)  # fmt: skip
     args = (rows.hidden, params["weight"], params["bias"], rows.targets, rows.seq_ids, rows.num_seqs,
             case.softcap, case.temperature, config)  # fmt: skip
     if function == "loss":

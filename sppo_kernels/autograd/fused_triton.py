@@ -1,9 +1,10 @@
 """Triton backend: the autograd Functions around the kernels (design and accounting: docs/triton_design.md).
 
 - Rows that score a token are compacted on the device, grouped by sequence (one stable argsort, no host
-  synchronisation in the forward), and gathered into a contiguous buffer, so every row tile is dense.
+  synchronisation in the forward), and gathered into a contiguous buffer padded to whole row tiles.
 - Forward (``lse_forward.py``): per-row log-sum-exp and target logit on a persistent grid that walks only the
-  scored rows' work items; per-sequence sums by an fp64 prefix sum (deterministic, no ``index_add_``).
+  scored rows' work items; per-sequence sums by ``segment_sum.py`` (fixed order: deterministic, unlike a CUDA
+  ``index_add_`` or ``cumsum``).
 - Backward, ``TritonConfig(backward="chunked")`` (default, atomic-free, deterministic): the vocabulary in chunks
   sized by ``chunk_bytes``; per chunk a Triton kernel recomputes the logits and writes dA (input dtype) for the
   scored rows, then ``dW[chunk] = dAᵀ·H`` (one GEMM, float32 accumulation, written once in the weight dtype) and
@@ -11,7 +12,7 @@
 - Backward, ``backward="atomic"``: the first design (float32 atomics into dH, dW, db), kept for measurement.
 - :class:`TritonSPPOLoss` with ``fused_sppo_loss=True``: logits computed once per chunk of whole sequences and kept
   as an ``exp(z − m)`` workspace until the chunk's loss gradients are known, so the gradient needs no recompute
-  (6NHV FLOPs).
+  (6NHV FLOPs); one host synchronisation reads the sequences' row counts.
 """
 
 from __future__ import annotations
