@@ -2,7 +2,8 @@
 
 sppo-train run --model M --prompts P --out runs/x [--iterations 3 ...]   all stages, all iterations, resumable
 sppo-train generate|rank|targets|reflogps|train ...                      one stage
-sppo-train demo --out DIR                                                tiny CPU smoke run, no downloads
+sppo-train eval --run runs/x --eval-prompts P                            win rates of each iteration vs the base
+sppo-train demo --out DIR                                                CPU-size replica of the paper, no downloads
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sppo_kernels.pipeline.errors import PipelineError
+from sppo_kernels.pipeline.evaluate import EvalOptions, add_eval_command
 from sppo_kernels.pipeline.generate import GenerateOptions
 from sppo_kernels.pipeline.modeling import ModelOptions
 from sppo_kernels.pipeline.options import add_options, from_args
@@ -33,6 +35,7 @@ GROUPS = {
     "targets": TargetsOptions,
     "reflogps": RefLogpsOptions,
     "train": TrainOptions,
+    "evaluate": EvalOptions,  # issue 13: run's evaluate stage
 }
 STAGE_GROUPS = {
     "generate": ("prompts", "model", "generate"),
@@ -69,10 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     command("reflogps", "tokenise and store log-probs under π_t", [model, ("--targets", "targets.jsonl")])
     command("train", "one SPPO epoch with DeepSpeed", [model, ("--data", "train_data.parquet")])
-    demo = commands.add_parser("demo", help="tiny end-to-end smoke run on the CPU (random weights, no downloads)")
+    add_eval_command(commands)  # issue 13
+    demo = commands.add_parser(
+        "demo", help="CPU-size replica of the paper's experiment: 3 SPPO iterations and their win rates (offline)"
+    )
     demo.add_argument("--out", type=Path, default=Path("sppo-demo"), help="output folder (default: ./sppo-demo)")
     demo.add_argument("--arch", choices=("llama", "gemma2"), default="llama", help="tiny policy architecture")
-    demo.add_argument("--iterations", type=int, default=2, help="SPPO iterations (default: 2)")
+    demo.add_argument("--iterations", type=int, default=3, help="SPPO iterations (default: 3, as in the paper)")
     return parser
 
 
@@ -82,11 +88,14 @@ def _options(args: argparse.Namespace) -> PipelineOptions:
 
 def dispatch(args: argparse.Namespace) -> None:
     """Run the parsed subcommand."""
-    from sppo_kernels.pipeline import demo, generate, rank, reflogps, run, targets, train
+    from sppo_kernels.pipeline import demo, evaluate, generate, rank, reflogps, run, targets, train
     from sppo_kernels.pipeline.prompts import load_prompts
 
     if args.command == "demo":
         demo.run_demo(args.out, arch=args.arch, iterations=args.iterations)
+        return
+    if args.command == "eval":  # issue 13
+        evaluate.eval_command(args)
         return
     o = _options(args)
     if args.command == "run":

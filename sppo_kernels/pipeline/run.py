@@ -20,11 +20,11 @@ import shlex
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from sppo_kernels.pipeline import generate, rank, reflogps, targets, train
+from sppo_kernels.pipeline import evaluate, generate, rank, reflogps, targets, train
 from sppo_kernels.pipeline.errors import PipelineError
 from sppo_kernels.pipeline.modeling import ModelOptions
 from sppo_kernels.pipeline.options import opt, to_argv, validated
@@ -59,9 +59,12 @@ class PipelineOptions:
     targets: targets.TargetsOptions = field(default_factory=targets.TargetsOptions)
     reflogps: reflogps.RefLogpsOptions = field(default_factory=reflogps.RefLogpsOptions)
     train: train.TrainOptions = field(default_factory=train.TrainOptions)
+    evaluate: evaluate.EvalOptions = field(default_factory=evaluate.EvalOptions)  # issue 13
 
 
 OPERATIONAL = {("run", "launcher")}  # may change between attempts without changing any result
+# issue 13: evaluation settings never change a trained model (the evaluation checks its own settings)
+OPERATIONAL |= {("evaluate", f.name) for f in fields(evaluate.EvalOptions)}
 
 
 def _check_run_record(out: Path, record: dict[str, Any]) -> None:
@@ -173,4 +176,6 @@ def run_pipeline(
         print(f"=== iteration {t}/{len(splits)}: {len(split)} prompts, policy {current}")
         current = str(run_iteration(current, split, out / f"iter{t}", options, scorer=scorer))
     print(f"=== done: final model {current}; per-iteration artefacts in {out}/iter*/")
+    if options.evaluate.eval_prompts:  # issue 13: the evaluate stage, after the last iteration
+        evaluate.evaluate_run(out, model, options, scorer=scorer)
     return Path(current)
