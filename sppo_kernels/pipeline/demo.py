@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from sppo_kernels.pipeline import chat
+from sppo_kernels.pipeline.errors import PipelineError
 from sppo_kernels.pipeline.evaluate import EVAL_JSON, PLOT, TABLE, EvalOptions, evaluate, run_policies
 from sppo_kernels.pipeline.generate import GenerateOptions
 from sppo_kernels.pipeline.gold import GoldJudge, base_response, gold_score, world_prompts
@@ -96,7 +97,10 @@ def demo_splits(config: DemoConfig) -> tuple[list[str], list[str]]:
     order = np.random.default_rng([config.seed, 0]).permutation(len(prompts))
     needed = config.eval_prompts + config.iterations * config.prompts_per_iteration
     if needed > len(prompts):
-        raise ValueError(f"the demo world has {len(prompts)} prompts, the config needs {needed}")
+        raise PipelineError(
+            f"the demo world has {len(prompts)} prompts; {config.iterations} iterations of "
+            f"{config.prompts_per_iteration} and {config.eval_prompts} eval prompts need {needed}"
+        )
     shuffled = [prompts[i] for i in order]
     return shuffled[config.eval_prompts : needed], shuffled[: config.eval_prompts]
 
@@ -193,7 +197,7 @@ def warm_start(source: str | Path, folder: str | Path, prompts: Sequence[str], c
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     folder = Path(folder)
     with atomic_path(folder) as tmp:
         model.save_pretrained(tmp)
@@ -375,7 +379,7 @@ def train_pairrm(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     ranker.eval()
     with torch.no_grad():
         ab = torch.cat([forward(heldout[i : i + 128], False)["logits"] for i in range(0, len(heldout), 128)])

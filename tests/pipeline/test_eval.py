@@ -174,6 +174,13 @@ def test_evaluate_writes_every_artefact_and_resumes(
         _evaluate(policies, eval_prompts, tmp_path, eval_seed=1)
 
 
+def test_generation_settings() -> None:
+    paper = evaluate._generation_options(EvalOptions(), GenerateOptions())
+    assert (paper.num_responses, paper.temperature, paper.top_p) == (1, 0.7, 0.9)  # the paper's sampling
+    greedy = evaluate._generation_options(EvalOptions(eval_sampling="greedy"), GenerateOptions(max_new_tokens=9))
+    assert (greedy.temperature, greedy.top_p, greedy.max_new_tokens) == (0.0, 1.0, 9)  # vLLM: temperature 0 = greedy
+
+
 def test_greedy_evaluation_is_deterministic(tmp_path: Path, policy: Path, eval_prompts: Path) -> None:
     policies = [Policy(0, str(policy))]
     for seed, out in ((0, tmp_path / "a"), (5, tmp_path / "b")):
