@@ -6,8 +6,8 @@ source hash says the source has changed since; else a first-use build with ``tor
 one warning; nothing here raises.
 
 The first-use build is cached in a folder of ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)
-named by the source hash, the torch version and installation, and the Python ABI, so environments on one machine
-(venvs, torch builds) never evict each other's build. Builds are serialised by an OS file lock, which the kernel
+named by the source hash, the torch version and installation, the Python ABI and the source's location, so
+environments and checkouts on one machine (venvs, torch builds, worktrees) never evict each other's build. Builds are serialised by an OS file lock, which the kernel
 releases when a builder dies; a lock file left in the folder by an interrupted build is removed under it.
 """
 
@@ -68,7 +68,8 @@ def build_directory() -> Path:
 
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
     soabi = sysconfig.get_config_var("SOABI") or sys.implementation.cache_tag
-    where = hashlib.sha256(f"{torch.__version__}|{Path(torch.__file__).resolve().parent}|{soabi}".encode())
+    torch_dir = Path(torch.__file__).resolve().parent
+    where = hashlib.sha256(f"{torch.__version__}|{torch_dir}|{soabi}|{SOURCE}".encode())
     return Path(root) / f"{JIT_NAME}-{source_hash()}-{where.hexdigest()[:12]}"
 
 

@@ -2,7 +2,8 @@
 
 sppo-train run --model M --prompts P --out runs/x [--iterations 3 ...]   all stages, all iterations, resumable
 sppo-train generate|rank|targets|reflogps|train ...                      one stage
-sppo-train demo --out DIR                                                tiny CPU smoke run, no downloads
+sppo-train eval --run runs/x --eval-prompts P                            win rates of each iteration vs the base
+sppo-train demo --out DIR                                                CPU-size replica of the paper, no downloads
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from sppo_kernels.pipeline import run
+from sppo_kernels.pipeline import evaluate, run
 from sppo_kernels.pipeline.errors import PipelineError
+from sppo_kernels.pipeline.evaluate import add_eval_command
 from sppo_kernels.pipeline.options import add_options, from_args
 from sppo_kernels.pipeline.stages import MODEL, PROMPTS, STAGES, Input, PipelineOptions, stage
 
@@ -38,10 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     command("run", "all stages for N iterations (resumes an interrupted run)", (MODEL, PROMPTS), tuple(GROUPS))
     for s in STAGES:
         command(s.name, s.help, s.inputs, s.groups)
-    demo = commands.add_parser("demo", help="tiny end-to-end smoke run on the CPU (random weights, no downloads)")
+    add_eval_command(commands)
+    demo = commands.add_parser(
+        "demo", help="CPU-size replica of the paper's experiment: 3 SPPO iterations and their win rates (offline)"
+    )
     demo.add_argument("--out", type=Path, default=Path("sppo-demo"), help="output folder (default: ./sppo-demo)")
     demo.add_argument("--arch", choices=("llama", "gemma2"), default="llama", help="tiny policy architecture")
-    demo.add_argument("--iterations", type=int, default=2, help="SPPO iterations (default: 2)")
+    demo.add_argument("--iterations", type=int, default=3, help="SPPO iterations (default: 3, as in the paper)")
     return parser
 
 
@@ -56,6 +61,9 @@ def dispatch(args: argparse.Namespace) -> None:
         from sppo_kernels.pipeline import demo
 
         demo.run_demo(args.out, arch=args.arch, iterations=args.iterations)
+        return
+    if args.command == "eval":
+        evaluate.eval_command(args)
     elif args.command == "run":
         run.run_pipeline(args.model, args.prompts, args.out, _options(args, tuple(GROUPS)))
     else:

@@ -34,7 +34,7 @@ class GenerateOptions:
     """Sampling settings (defaults: the SPPO paper's)."""
 
     num_responses: int = opt(5, "responses per prompt (K)")
-    temperature: float = opt(0.7, "sampling temperature")
+    temperature: float = opt(0.7, "sampling temperature (0: greedy decoding)")
     top_p: float = opt(0.9, "nucleus sampling threshold")
     max_new_tokens: int = opt(2048, "maximum tokens per response")
     generation_seed: int = opt(0, "base seed; pass k and shard j sample with a seed derived from (seed, k, j)")
@@ -128,14 +128,14 @@ class HFSampler:
         width = max(len(ids) for ids in prompt_ids)
         input_ids = torch.tensor([[pad] * (width - len(ids)) + list(ids) for ids in prompt_ids], device=self.device)
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=self.device)
+        # temperature 0 = greedy decoding (as in vLLM), used by the evaluation's --eval-sampling greedy
+        sampling = {"temperature": self.options.temperature, "top_p": self.options.top_p, "top_k": 0}  # no top-k cut
         with torch.no_grad():
             out = self.model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,
-                do_sample=True,
-                temperature=self.options.temperature,
-                top_p=self.options.top_p,
-                top_k=0,  # no top-k cut, as in vLLM
+                do_sample=self.options.temperature > 0,
+                **(sampling if self.options.temperature > 0 else {}),
                 max_new_tokens=self.options.max_new_tokens,
                 pad_token_id=pad,
             )

@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from sppo_kernels.pipeline import schema
+from sppo_kernels.pipeline import evaluate, schema
 from sppo_kernels.pipeline.errors import PipelineError
 from sppo_kernels.pipeline.options import to_record, validated
 from sppo_kernels.pipeline.prompts import Prompt, PromptOptions, load_prompts, split_prompts
@@ -26,6 +26,8 @@ from sppo_kernels.pipeline.store import read_json, stage_summary, write_json, wr
 __all__ = ["OPERATIONAL", "PipelineOptions", "RunOptions", "default_launcher", "run_iteration", "run_pipeline"]
 
 OPERATIONAL = {("run", "launcher")}  # may change between attempts without changing any result
+# The evaluation never changes a trained model, and checks its own settings (eval/settings.json).
+OPERATIONAL |= {("evaluate", f.name) for f in dataclasses.fields(evaluate.EvalOptions)}
 
 
 def _record(options: PipelineOptions) -> dict[str, dict[str, Any]]:
@@ -106,4 +108,6 @@ def run_pipeline(
         print(f"=== iteration {t}/{len(splits)}: {len(split)} prompts, policy {current}")
         current = str(run_iteration(current, split, schema.iteration_dir(out, t), options, scorer=scorer))
     print(f"=== done: final model {current}; per-iteration artefacts in {out}/iter*/")
+    if options.evaluate.eval_prompts:  # the evaluate stage, after the last iteration
+        evaluate.evaluate_run(out, model, options, scorer=scorer)
     return Path(current)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sppo_kernels.pipeline import generate, rank, reflogps, schema, targets, train
+from sppo_kernels.pipeline import evaluate, generate, rank, reflogps, schema, targets, train
 from sppo_kernels.pipeline.errors import PipelineError
 from sppo_kernels.pipeline.modeling import ModelOptions
 from sppo_kernels.pipeline.options import opt, to_argv
@@ -51,6 +51,7 @@ class PipelineOptions:
     targets: targets.TargetsOptions = field(default_factory=targets.TargetsOptions)
     reflogps: reflogps.RefLogpsOptions = field(default_factory=reflogps.RefLogpsOptions)
     train: train.TrainOptions = field(default_factory=train.TrainOptions)
+    evaluate: evaluate.EvalOptions = field(default_factory=evaluate.EvalOptions)  # run-level, after the last iteration
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The import structure of ``sppo_kernels.pipeline`` and ``sppo_kernels.integrations``: no circles; a stage
-imports no other stage (only the schema, the store and the helpers); only the stage table, ``run``, ``demo``
-and ``cli`` import stages; the integrations import nothing of the pipeline. Lazy imports inside functions count."""
+imports no other stage (only the schema, the store and the helpers); only the stage table, ``run``, the run-level
+``evaluate`` (it reuses the generation engine and the judge), ``demo`` and ``cli`` import stages; the integrations import nothing of the pipeline. Lazy imports inside functions count."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sppo_kernels
 from sppo_kernels.pipeline.stages import STAGE_NAMES
 
 PACKAGE = Path(sppo_kernels.__file__).parent
-ABOVE_STAGES = {"stages", "run", "demo", "cli"}  # the modules that may import stages
+ABOVE_STAGES = {"stages", "run", "evaluate", "demo", "cli"}  # the modules that may import stages
 
 
 def _module_name(path: Path) -> str:

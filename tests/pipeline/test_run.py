@@ -1,8 +1,7 @@
-"""`run` (skip / resume / kill-and-resume), the demo, and CLI errors."""
+"""`run` (skip / resume / kill-and-resume) and CLI errors (the demo: test_eval_replica.py)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,24 +108,6 @@ def test_kill_and_resume_gives_the_same_artefacts(
     weights, ref_weights = (load_file(str(f / "model" / "model.safetensors")) for f in (folder, reference))
     for name, value in ref_weights.items():
         torch.testing.assert_close(weights[name], value, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_demo_end_to_end(tmp_path: Path, sppo_train: Callable) -> None:
-    started = time.perf_counter()
-    result = sppo_train("demo", "--out", str(tmp_path))
-    seconds = time.perf_counter() - started
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert seconds < 180
-    assert "SMOKE RUN" in result.stdout and "demo finished" in result.stdout
-    assert f"policy {tmp_path / 'run' / 'iter1' / 'model'}" in result.stdout  # π_2 samples iteration 2
-    for t in (1, 2):
-        folder = tmp_path / "run" / f"iter{t}"
-        assert all(store.stage_summary(folder, stage) for stage in STAGE_NAMES)
-        assert (folder / "loss.png").is_file() and (folder / "model" / "model.safetensors").is_file()
-        assert len(store.read_jsonl(folder / "metrics.jsonl")) == 6
-    ids = [{r["id"] for r in store.read_jsonl(tmp_path / "run" / f"iter{t}" / "prompts.jsonl")} for t in (1, 2)]
-    assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 48
 
 
 def test_artefacts_follow_the_schema(finished_run: Path) -> None:
