@@ -5,10 +5,11 @@ source hash says the source has changed since; else a first-use build with ``tor
 (ninja + a C++ compiler, about a minute on 2 cores). Without a toolchain the backend is reported unavailable after
 one warning; nothing here raises.
 
-The first-use build is cached in a folder of ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``)
-named by the source hash, the torch version and installation, the Python ABI and the source's location, so
-environments and checkouts on one machine (venvs, torch builds, worktrees) never evict each other's build. Builds are serialised by an OS file lock, which the kernel
-releases when a builder dies; a lock file left in the folder by an interrupted build is removed under it.
+The first-use build is cached in a folder of ``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``) named
+by the source hash, the torch version and installation, the Python ABI and the source's location, so environments and
+checkouts on one machine (venvs, torch builds, worktrees) never evict each other's build. Builds are serialised by an
+OS file lock, which the kernel releases when a builder dies; a lock file left in the folder by an interrupted build
+is removed under it.
 """
 
 from __future__ import annotations

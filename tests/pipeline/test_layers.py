@@ -1,6 +1,7 @@
-"""The import structure of ``sppo_kernels.pipeline`` and ``sppo_kernels.integrations``: no circles; a stage
-imports no other stage (only the schema, the store and the helpers); only the stage table, ``run``, the run-level
-``evaluate`` (it reuses the generation engine and the judge), ``demo`` and ``cli`` import stages; the integrations import nothing of the pipeline. Lazy imports inside functions count."""
+"""The import structure of ``sppo_kernels.pipeline`` and ``sppo_kernels.integrations``: no circles; a stage imports
+no other stage (only the schema, the store and the helpers); only the stage table, ``run``, the run-level
+``evaluate`` (it reuses the generation engine and the judge), ``demo`` and ``cli`` import stages; the integrations
+import nothing of the pipeline. Lazy imports inside functions count."""
 
 from __future__ import annotations
 
