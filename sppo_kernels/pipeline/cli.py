@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("run", "all stages for N iterations (resumes an interrupted run)", (MODEL, PROMPTS), tuple(GROUPS))
     for s in STAGES:
-        command(s.name, s.help, s.inputs, s.groups)
+        command(s.name, s.help, s.inputs, s.option_groups)
     demo = commands.add_parser("demo", help="tiny end-to-end smoke run on the CPU (random weights, no downloads)")
     demo.add_argument("--out", type=Path, default=Path("sppo-demo"), help="output folder (default: ./sppo-demo)")
     demo.add_argument("--arch", choices=("llama", "gemma2"), default="llama", help="tiny policy architecture")
@@ -60,7 +60,9 @@ def dispatch(args: argparse.Namespace) -> None:
         run.run_pipeline(args.model, args.prompts, args.out, _options(args, tuple(GROUPS)))
     else:
         chosen = stage(args.command)
-        chosen.run({i.name: getattr(args, i.name) for i in chosen.inputs}, args.out, _options(args, chosen.groups))
+        chosen.run(
+            {i.name: getattr(args, i.name) for i in chosen.inputs}, args.out, _options(args, chosen.option_groups)
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
