@@ -27,7 +27,9 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,18 @@ FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}$")
 WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 _FILE_HASHES: dict[tuple[int, int, int, int], str] = {}  # (device, inode, size, mtime_ns) -> sha256, per process
+_DISCARD_STALE: ContextVar[bool] = ContextVar("discard_stale", default=False)
+
+
+@contextmanager
+def discarding_stale(enabled: bool = True) -> Iterator[None]:
+    """Within the block, stages discard and recompute work in their output folder that another fingerprint made
+    (``--discard-stale``); outside, or with ``enabled=False``, they refuse it."""
+    token = _DISCARD_STALE.set(enabled)
+    try:
+        yield
+    finally:
+        _DISCARD_STALE.reset(token)
 
 
 def looks_like_hub_name(source: str) -> bool:
@@ -226,14 +240,12 @@ class Fingerprint:
         return Fingerprint({**self.record, "layout": layout}, self.discard_stale)
 
 
-def stage_fingerprint(
-    stage: str, inputs: Mapping[str, dict[str, str]], *options: Any, discard_stale: bool = False
-) -> Fingerprint:
+def stage_fingerprint(stage: str, inputs: Mapping[str, dict[str, str]], *options: Any) -> Fingerprint:
     """The fingerprint of ``stage`` on ``inputs`` (``{input name: identity}``) with ``options`` (options objects,
-    validated here); ``discard_stale`` as in :class:`Fingerprint`."""
+    validated here); it discards stale work inside a :func:`discarding_stale` block, else refuses it."""
     groups = {type(o).__name__: options_record(validated(o)) for o in options}
     record = {"version": VERSION, "stage": stage, "inputs": dict(inputs), "options": groups}
-    return Fingerprint(json.loads(canonical(record)), discard_stale)
+    return Fingerprint(json.loads(canonical(record)), _DISCARD_STALE.get())
 
 
 def prompts_identity(prompts: Sequence[Any]) -> dict[str, str]:

@@ -188,10 +188,8 @@ def run_generate(
     model_options: ModelOptions | None = None,
     *,
     sampler: Sampler | None = None,
-    discard_stale: bool = False,
 ) -> Path:
-    """Sample ``num_responses`` responses for every prompt; returns the path of ``generations.jsonl``.
-    ``discard_stale``: recompute work in ``out_dir`` made from other inputs or settings (default: refuse)."""
+    """Sample ``num_responses`` responses for every prompt; returns the path of ``generations.jsonl``."""
     if not prompts:
         raise PipelineError("generate: the prompt set is empty")
     out_dir = Path(out_dir)
@@ -199,9 +197,9 @@ def run_generate(
     model_options = model_options or ModelOptions()
     inputs = {"model": model_identity(model), "prompts": prompts_identity(prompts)}
     engine_options = dataclasses.replace(options, generation_backend=engine_name(options))  # "auto" resolved
-    fingerprint = stage_fingerprint(STAGE, inputs, engine_options, model_options, discard_stale=discard_stale)
+    fp = stage_fingerprint(STAGE, inputs, engine_options, model_options)
     path = schema.GENERATIONS.path(out_dir)
-    if begin_stage(out_dir, STAGE, fingerprint) is not None:
+    if begin_stage(out_dir, STAGE, fp) is not None:
         return path
     tokenizer = chat.load_tokenizer(model, trust_remote_code=model_options.trust_remote_code)
     context = context_length(model, trust_remote_code=model_options.trust_remote_code)
@@ -222,7 +220,7 @@ def run_generate(
         schema.units_dir(out_dir, STAGE),
         units,
         work,
-        fingerprint=fingerprint,
+        fingerprint=fp,
         desc="generate",
         total=len(prompts) * options.num_responses,
         weight=lambda unit: len(unit[2]),
@@ -245,7 +243,5 @@ def run_generate(
         f"{counts['prompts']} prompts x {options.num_responses} responses, mean {counts['mean_tokens']:.1f} tokens, "
         f"{counts['hit_max_new_tokens']} cut at max_new_tokens"
     )
-    finish_stage(
-        out_dir, STAGE, counts, fingerprint=fingerprint, started=started, options=options, report=report, output=path
-    )
+    finish_stage(out_dir, STAGE, counts, fingerprint=fp, started=started, options=options, report=report, output=path)
     return path

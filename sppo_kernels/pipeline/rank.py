@@ -150,17 +150,15 @@ def run_rank(
     options: RankOptions,
     *,
     scorer: PairwiseScorer | None = None,
-    discard_stale: bool = False,
 ) -> Path:
-    """Judge all responses of ``generations.jsonl``; returns the path of ``rankings.jsonl``. ``discard_stale``:
-    recompute work in ``out_dir`` made from other inputs or settings (default: refuse)."""
+    """Judge all responses of ``generations.jsonl``; returns the path of ``rankings.jsonl``."""
     out_dir = Path(out_dir)
     started = time.perf_counter()
     inputs = {"generations": file_identity(generations_path), "judge": judge_identity(scorer)}
     judged = options if scorer is None else dataclasses.replace(options, ranker=None)  # the scorer replaces it
-    fingerprint = stage_fingerprint(STAGE, inputs, judged, discard_stale=discard_stale)
+    fp = stage_fingerprint(STAGE, inputs, judged)
     path = schema.RANKINGS.path(out_dir)
-    if begin_stage(out_dir, STAGE, fingerprint) is not None:
+    if begin_stage(out_dir, STAGE, fp) is not None:
         return path
     rows = read_rows(generations_path, schema.GENERATIONS.required)
     if not rows:
@@ -189,11 +187,9 @@ def run_rank(
 
     shards = chunks(rows, options.rank_shard_size)
     units = schema.units_dir(out_dir, STAGE)
-    results = run_units(units, shards, work, fingerprint=fingerprint, desc="rank", total=len(rows), weight=len)
+    results = run_units(units, shards, work, fingerprint=fp, desc="rank", total=len(rows), weight=len)
     write_jsonl(path, [row for shard in results for row in shard])
     report = f"{len(rows)} prompts judged pairwise"
     counts = {"prompts": len(rows)}
-    finish_stage(
-        out_dir, STAGE, counts, fingerprint=fingerprint, started=started, options=options, report=report, output=path
-    )
+    finish_stage(out_dir, STAGE, counts, fingerprint=fp, started=started, options=options, report=report, output=path)
     return path

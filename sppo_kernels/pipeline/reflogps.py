@@ -101,20 +101,17 @@ def run_reflogps(
     out_dir: str | Path,
     options: RefLogpsOptions,
     model_options: ModelOptions | None = None,
-    *,
-    discard_stale: bool = False,
 ) -> Path:
-    """Tokenise ``targets.jsonl`` and add π_t's log-probs; returns the path of ``train_data.parquet``.
-    ``discard_stale``: recompute work in ``out_dir`` made from other inputs or settings (default: refuse)."""
+    """Tokenise ``targets.jsonl`` and add π_t's log-probs; returns the path of ``train_data.parquet``."""
     import datasets
 
     model_options = model_options or ModelOptions()
     out_dir = Path(out_dir)
     started = time.perf_counter()
     inputs = {"model": model_identity(model_path), "targets": file_identity(targets_path)}
-    fingerprint = stage_fingerprint(STAGE, inputs, options, model_options, discard_stale=discard_stale)
+    fp = stage_fingerprint(STAGE, inputs, options, model_options)
     path = schema.TRAIN_DATA.path(out_dir)
-    if begin_stage(out_dir, STAGE, fingerprint) is not None:
+    if begin_stage(out_dir, STAGE, fp) is not None:
         return path
     tokenizer = chat.load_tokenizer(model_path, trust_remote_code=model_options.trust_remote_code)
     rows = tokenize_targets(read_rows(targets_path, schema.TARGETS.required), tokenizer, options)
@@ -138,7 +135,7 @@ def run_reflogps(
 
     shards = chunks(rows, options.reflogps_shard_size)
     units = schema.units_dir(out_dir, STAGE)
-    results = run_units(units, shards, work, fingerprint=fingerprint, desc="ref logps", total=len(rows), weight=len)
+    results = run_units(units, shards, work, fingerprint=fp, desc="ref logps", total=len(rows), weight=len)
     for row, result in zip(rows, (r for shard in results for r in shard), strict=True):
         row["ref_logp"] = result["ref_logp"]
     with atomic_path(path) as tmp:
@@ -150,7 +147,5 @@ def run_reflogps(
     }
     dropped = ", dropped" if options.drop_truncated else ""
     report = f"{len(rows)} sequences ({truncated} truncated{dropped}), mean log-prob {counts['mean_ref_logp']:.2f}"
-    finish_stage(
-        out_dir, STAGE, counts, fingerprint=fingerprint, started=started, options=options, report=report, output=path
-    )
+    finish_stage(out_dir, STAGE, counts, fingerprint=fp, started=started, options=options, report=report, output=path)
     return path

@@ -22,7 +22,13 @@ from typing import Any
 
 from sppo_kernels.pipeline import chat, schema
 from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.fingerprint import Fingerprint, model_identity, prompts_identity, stage_fingerprint
+from sppo_kernels.pipeline.fingerprint import (
+    Fingerprint,
+    discarding_stale,
+    model_identity,
+    prompts_identity,
+    stage_fingerprint,
+)
 from sppo_kernels.pipeline.modeling import context_length
 from sppo_kernels.pipeline.options import to_record, validated
 from sppo_kernels.pipeline.prompts import Prompt, PromptOptions, load_prompts, split_prompts
@@ -47,7 +53,7 @@ def run_fingerprint(
     if scorer is not None:  # a plugged-in judge replaces the ranker checkpoint
         groups = [dataclasses.replace(g, ranker=None) if g is options.rank else g for g in groups]
     inputs = {"model": model_identity(model), "prompts": prompts_identity(prompts), "judge": judge_identity(scorer)}
-    return stage_fingerprint("run", inputs, *groups, discard_stale=options.reuse.discard_stale)
+    return stage_fingerprint("run", inputs, *groups)
 
 
 def _check_run_record(out: Path, fingerprint: Fingerprint, record: dict[str, Any]) -> None:
@@ -102,9 +108,15 @@ def run_pipeline(
 
     Everything is checked before anything is written: the options, ``out``, the model folder, every prompt (and
     that it fits in the model's context) and ``run.json`` of an earlier attempt."""
+    with discarding_stale(options.reuse.discard_stale):
+        return _run_pipeline(model, prompts_source, Path(out), options, scorer)
+
+
+def _run_pipeline(
+    model: str, prompts_source: str, out: Path, options: PipelineOptions, scorer: PairwiseScorer | None
+) -> Path:
     for group in dataclasses.fields(options):
         validated(getattr(options, group.name))
-    out = Path(out)
     check_out_dir(out)
     prompts = load_prompts(prompts_source, options.prompts)
     fingerprint = run_fingerprint(model, prompts, options, scorer)

@@ -19,6 +19,7 @@ from typing import Any
 
 from sppo_kernels.pipeline import generate, rank, reflogps, schema, targets, train
 from sppo_kernels.pipeline.errors import PipelineError
+from sppo_kernels.pipeline.fingerprint import discarding_stale
 from sppo_kernels.pipeline.modeling import ModelOptions
 from sppo_kernels.pipeline.options import at_least, opt, to_argv
 from sppo_kernels.pipeline.prompts import PromptOptions, load_prompts
@@ -133,8 +134,10 @@ class Stage:
         return (*self.groups, *COMMON_GROUPS)
 
     def run(self, inputs: Inputs, out: Path, options: PipelineOptions, *, scorer: Any = None) -> Path:
-        """Run the stage in this process on ``inputs`` (``{input name: value}``), writing into ``out``."""
-        return self.runner(inputs, out, options, scorer)
+        """Run the stage in this process on ``inputs`` (``{input name: value}``), writing into ``out``; stale
+        work there is discarded with ``options.reuse.discard_stale``, else refused."""
+        with discarding_stale(options.reuse.discard_stale):
+            return self.runner(inputs, out, options, scorer)
 
     def argv(self, inputs: Inputs, out: Path, options: PipelineOptions) -> list[str]:
         """The ``sppo-train`` arguments that run the stage as :meth:`run` does."""
@@ -147,25 +150,23 @@ class Stage:
 
 
 def _generate(i: Inputs, out: Path, o: PipelineOptions, scorer: Any) -> Path:
-    prompts = load_prompts(str(i["prompts"]), o.prompts)
-    return generate.run_generate(i["model"], prompts, out, o.generate, o.model, discard_stale=o.reuse.discard_stale)
+    return generate.run_generate(i["model"], load_prompts(str(i["prompts"]), o.prompts), out, o.generate, o.model)
 
 
 def _rank(i: Inputs, out: Path, o: PipelineOptions, scorer: Any) -> Path:
-    return rank.run_rank(i["generations"], out, o.rank, scorer=scorer, discard_stale=o.reuse.discard_stale)
+    return rank.run_rank(i["generations"], out, o.rank, scorer=scorer)
 
 
 def _targets(i: Inputs, out: Path, o: PipelineOptions, scorer: Any) -> Path:
-    return targets.run_targets(i["generations"], i["rankings"], out, o.targets, discard_stale=o.reuse.discard_stale)
+    return targets.run_targets(i["generations"], i["rankings"], out, o.targets)
 
 
 def _reflogps(i: Inputs, out: Path, o: PipelineOptions, scorer: Any) -> Path:
-    discard = o.reuse.discard_stale
-    return reflogps.run_reflogps(i["model"], i["targets"], out, o.reflogps, o.model, discard_stale=discard)
+    return reflogps.run_reflogps(i["model"], i["targets"], out, o.reflogps, o.model)
 
 
 def _train(i: Inputs, out: Path, o: PipelineOptions, scorer: Any) -> Path:
-    return train.run_train(i["model"], i["data"], out, o.train, o.model, discard_stale=o.reuse.discard_stale)
+    return train.run_train(i["model"], i["data"], out, o.train, o.model)
 
 
 def _generate_child(o: PipelineOptions) -> list[str] | None:

@@ -148,21 +148,15 @@ def build_targets(
 
 
 def run_targets(
-    generations_path: str | Path,
-    rankings_path: str | Path,
-    out_dir: str | Path,
-    options: TargetsOptions,
-    *,
-    discard_stale: bool = False,
+    generations_path: str | Path, rankings_path: str | Path, out_dir: str | Path, options: TargetsOptions
 ) -> Path:
-    """Turn generations + judge logits into ``targets.jsonl``; returns its path. ``discard_stale``: recompute
-    work in ``out_dir`` made from other inputs or settings (default: refuse)."""
+    """Turn generations + judge logits into ``targets.jsonl``; returns its path."""
     out_dir = Path(out_dir)
     started = time.perf_counter()
     inputs = {"generations": file_identity(generations_path), "rankings": file_identity(rankings_path)}
-    fingerprint = stage_fingerprint(STAGE, inputs, options, discard_stale=discard_stale)
+    fp = stage_fingerprint(STAGE, inputs, options)
     path = schema.TARGETS.path(out_dir)
-    if begin_stage(out_dir, STAGE, fingerprint) is not None:
+    if begin_stage(out_dir, STAGE, fp) is not None:
         return path
     generations = read_rows(generations_path, schema.GENERATIONS.required)
     rows, counts = build_targets(generations, read_rows(rankings_path, schema.RANKINGS.required), options)
@@ -174,7 +168,5 @@ def run_targets(
         f"{counts['kept']}/{counts['prompts']} prompts kept ({counts['dropped_all_ties']} all-tie), "
         f"{len(rows)} sequences, mode {options.target_mode}"
     )
-    finish_stage(
-        out_dir, STAGE, counts, fingerprint=fingerprint, started=started, options=options, report=report, output=path
-    )
+    finish_stage(out_dir, STAGE, counts, fingerprint=fp, started=started, options=options, report=report, output=path)
     return path

@@ -376,12 +376,10 @@ def run_train(
     out_dir: str | Path,
     options: TrainOptions,
     model_options: ModelOptions | None = None,
-    *,
-    discard_stale: bool = False,
 ) -> Path:
     """Train π_t (``model_path``) on ``train_data.parquet``; returns the folder of π_{t+1}. Resumes from
     ``out_dir/checkpoints`` when a previous attempt with the same fingerprint was interrupted.
-    ``discard_stale``: recompute work in ``out_dir`` made from other inputs or settings (default: refuse)."""
+    """
     import deepspeed
     import torch.distributed as dist
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
@@ -390,9 +388,9 @@ def run_train(
     out_dir = Path(out_dir)
     started = time.perf_counter()
     inputs = {"model": model_identity(model_path), "data": file_identity(data_path, "training data")}
-    fingerprint = stage_fingerprint(STAGE, inputs, options, model_options, discard_stale=discard_stale)
+    fp = stage_fingerprint(STAGE, inputs, options, model_options)
     model_dir = out_dir / schema.MODEL_DIR
-    if begin_stage(out_dir, STAGE, fingerprint) is not None:
+    if begin_stage(out_dir, STAGE, fp) is not None:
         return model_dir
     rows = load_rows(data_path)
     if len({row["loss_scale"] for row in rows}) != 1:
@@ -400,7 +398,7 @@ def run_train(
     ensure_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     checkpoints = out_dir / schema.CHECKPOINTS
-    checkpoint_fingerprint = fingerprint.with_layout(processes=world)
+    checkpoint_fingerprint = fp.with_layout(processes=world)
     resume = checkpoint_to_resume(checkpoints, checkpoint_fingerprint, discard=rank == 0)
     dist.barrier()
     device = default_device()
@@ -492,7 +490,7 @@ def run_train(
             out_dir,
             STAGE,
             counts,
-            fingerprint=fingerprint,
+            fingerprint=fp,
             started=started,
             options=options,
             report=report,

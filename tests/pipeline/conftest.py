@@ -49,7 +49,12 @@ def leave_no_process_group() -> Iterator[None]:
     initialized = torch.distributed.is_initialized()
     yield
     if torch.distributed.is_initialized() and not initialized:
-        torch.distributed.destroy_process_group()
+        import deepspeed.comm
+
+        if deepspeed.comm.is_initialized():  # also drops DeepSpeed's cached groups (its world-group clone)
+            deepspeed.comm.destroy_process_group()
+        else:
+            torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sppo_kernels.pipeline import schema, store, train
-from sppo_kernels.pipeline.fingerprint import stage_fingerprint
+from sppo_kernels.pipeline.fingerprint import discarding_stale, stage_fingerprint
 from sppo_kernels.pipeline.train import checkpoint_to_resume
 
 FINGERPRINT = stage_fingerprint("train", {}).with_layout(processes=1)
@@ -78,7 +78,8 @@ def test_older_version_checkpoints(tmp_path: Path) -> None:
     store.write_json(folder / schema.LATEST_CHECKPOINT, {"tag": tag.name, "step": 2})
     with pytest.raises(store.StaleWorkError, match=r"no fingerprint \(made by an older sppo-train\)"):
         checkpoint_to_resume(folder, FINGERPRINT, discard=True)
-    stale = stage_fingerprint("train", {}, discard_stale=True).with_layout(processes=1)
+    with discarding_stale():
+        stale = stage_fingerprint("train", {}).with_layout(processes=1)
     assert checkpoint_to_resume(folder, stale, discard=True) is None and not folder.exists()
     _checkpoint(folder, 2)
     store.write_json(folder / schema.LATEST_CHECKPOINT, {"tag": "step-0000002", "step": 2})

@@ -1,6 +1,6 @@
 """Issue 12, items 1 and 10: work in an output folder is reused only when its fingerprint (model and input
 content, options that change results) matches; otherwise it is refused with one line naming what differs, or
-with ``discard_stale`` discarded and recomputed to exactly what a fresh folder gets. For every stage and ``run``,
+with ``--discard-stale`` discarded and recomputed to exactly what a fresh folder gets. For every stage and ``run``,
 at the level of finished stages (markers), unit files and training checkpoints; ``run.json`` compares content,
 not path strings."""
 
@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from sppo_kernels.pipeline import cli, schema, store
 from sppo_kernels.pipeline.demo import build_policy
-from sppo_kernels.pipeline.fingerprint import model_identity, stage_fingerprint
+from sppo_kernels.pipeline.fingerprint import discarding_stale, model_identity, stage_fingerprint
 from sppo_kernels.pipeline.generate import GenerateOptions, run_generate
 from sppo_kernels.pipeline.prompts import Prompt, bundled_prompts_path
 from sppo_kernels.pipeline.rank import RankOptions, run_rank
@@ -109,44 +109,44 @@ CASES = [
 
 
 def _runner(case: Case, policy: Path, other: Path, prompts: list[Prompt], inputs: Path) -> Callable[..., Path]:
-    """``run(out, changed: bool, discard_stale: bool)`` for the stage of ``case``; inputs are made in ``inputs``."""
+    """``run(out, changed: bool)`` for the stage of ``case``; inputs are made in ``inputs``."""
     inputs.mkdir(exist_ok=True)
     if case.stage == "generate":
 
-        def run(out: Path, changed: bool, discard_stale: bool = False) -> Path:
+        def run(out: Path, changed: bool) -> Path:
             values = {"model": policy, "prompts": prompts[:3], **(case.changed if changed else {})}
             model = other if values.pop("model") == "other" else policy
             chosen = prompts[3:6] if values.pop("prompts") == "other" else prompts[:3]
             options = dataclasses.replace(GENERATE, **values)
-            return run_generate(str(model), chosen, out, options, discard_stale=discard_stale)
+            return run_generate(str(model), chosen, out, options)
 
     elif case.stage == "rank":
         path = _generations(inputs / "g.jsonl")
 
-        def run(out: Path, changed: bool, discard_stale: bool = False) -> Path:
+        def run(out: Path, changed: bool) -> Path:
             values = case.changed if changed else {}
             _generations(path, "other " if values.get("generations") else "")  # same path, other content
             judge = values.get("scorer", LengthJudge())
-            return run_rank(path, out, RankOptions(rank_shard_size=2), scorer=judge, discard_stale=discard_stale)
+            return run_rank(path, out, RankOptions(rank_shard_size=2), scorer=judge)
 
     elif case.stage == "targets":
         generations = _generations(inputs / "g.jsonl")
 
-        def run(out: Path, changed: bool, discard_stale: bool = False) -> Path:
+        def run(out: Path, changed: bool) -> Path:
             values = dict(case.changed) if changed else {}
             judge = ShortJudge() if values.pop("rankings", None) else LengthJudge()
             rankings = _rankings(inputs / "r.jsonl", generations, judge)
             options = TargetsOptions(**values)
-            return run_targets(generations, rankings, out, options, discard_stale=discard_stale)
+            return run_targets(generations, rankings, out, options)
 
     else:
         targets = _targets(inputs / "t.jsonl", inputs)
 
-        def run(out: Path, changed: bool, discard_stale: bool = False) -> Path:
+        def run(out: Path, changed: bool) -> Path:
             values = dict(case.changed) if changed else {}
             model = other if values.pop("model", None) else policy
             options = dataclasses.replace(REFLOGPS, **values)
-            return run_reflogps(str(model), targets, out, options, discard_stale=discard_stale)
+            return run_reflogps(str(model), targets, out, options)
 
     return run
 
@@ -185,7 +185,8 @@ def test_stage_refuses_or_recomputes_stale_work(
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # nothing touched
 
     capsys.readouterr()
-    recomputed = run(out, changed=True, discard_stale=True)
+    with discarding_stale():
+        recomputed = run(out, changed=True)
     assert "discarding: " + what in capsys.readouterr().out
     fresh = run(tmp_path / "fresh", changed=True)
     assert _content(recomputed) == _content(fresh)
@@ -242,7 +243,8 @@ def test_train_refuses_or_discards_another_models_checkpoint(
     assert (out / schema.CHECKPOINTS / "step-0000003").is_dir() and not (out / schema.METRICS.name).exists()
 
     capsys.readouterr()
-    run_train(str(other_policy), data, out, options.train, options.model, discard_stale=True)
+    with discarding_stale():
+        run_train(str(other_policy), data, out, options.train, options.model)
     printed = capsys.readouterr().out
     assert "discarding: the training checkpoint" in printed and "resuming" not in printed
     run_train(str(other_policy), data, tmp_path / "fresh", options.train, options.model)
