@@ -128,10 +128,11 @@ def check_safetensors(path: Path) -> None:
 
 
 def check_model_folder(folder: Path, what: str = "model") -> None:
-    """Refuse an empty folder, one without ``config.json`` or weights, or with a truncated safetensors file."""
+    """Refuse an empty folder, one without ``config.json`` (or a PEFT ``adapter_config.json``) or weights, or
+    with a truncated safetensors file."""
     if not any(folder.iterdir()):
         raise PipelineError(f"the {what} folder {folder} is empty")
-    if not (folder / "config.json").is_file():
+    if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):  # PEFT adapters too
         raise PipelineError(f"{folder} is not a {what} folder: it has no config.json")
     weights = [path for pattern in WEIGHTS for path in sorted(folder.glob(pattern))]
     if not weights:

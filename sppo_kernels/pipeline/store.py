@@ -153,13 +153,14 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise PipelineError(f"missing file: {path}")
     rows = []
-    try:
-        lines = path.read_bytes().decode("utf-8").split("\n")
-    except UnicodeDecodeError as e:
-        line = e.object.count(b"\n", 0, e.start) + 1
-        raise PipelineError(f"{path}:{line} is not UTF-8 text (byte {e.object[e.start]:#04x})") from e
-    for number, line in enumerate(lines, 1):
-        if line.strip():
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PipelineError(f"{path}:{number} is not UTF-8 text (byte {raw[e.start]:#04x})") from e
+            if not line.strip():
+                continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
