@@ -23,6 +23,8 @@ import shutil
 import sys
 import sysconfig
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -74,16 +76,23 @@ def build_directory() -> Path:
     return Path(root) / f"{JIT_NAME}-{source_hash()}-{where.hexdigest()[:12]}"
 
 
+@contextmanager
+def build_lock(folder: Path) -> Iterator[None]:
+    """Hold the OS file lock of the build ``folder`` (every builder takes it; the kernel releases it if the holder
+    dies), so torch's own lock file inside the folder can only have been left by a killed build."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _build() -> ModuleType:
-    """Compile (or load the cached build of) the extension with torch's JIT loader, under an OS file lock."""
+    """Compile (or load the cached build of) the extension with torch's JIT loader, under :func:`build_lock`."""
     from torch.utils import cpp_extension
 
     folder = build_directory()
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released by the kernel if this process dies
-        # Every builder holds the flock, so torch's own lock file here can only be left by a killed build.
-        (folder / "lock").unlink(missing_ok=True)
+    with build_lock(folder):
+        (folder / "lock").unlink(missing_ok=True)  # left by a killed build
         return cpp_extension.load(
             name=JIT_NAME,
             sources=[str(SOURCE)],

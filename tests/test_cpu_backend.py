@@ -450,15 +450,19 @@ def test_lock_left_by_a_killed_build_does_not_block_the_next_run():
     module = _cpu_extension.extension()
     if module.__name__ == _cpu_extension.AOT_MODULE:
         pytest.skip("the ahead-of-time build is in use; no build folder")
-    stale = Path(module.__file__).parent / "lock"
-    stale.write_text("")
+    folder = Path(module.__file__).parent
+    with _cpu_extension.build_lock(folder):  # plant it while no build runs (other test processes may share it)
+        (folder / "lock").write_text("")
     script = (
         "from sppo_kernels import _cpu_extension as c\nc._ahead_of_time = lambda: None\nprint(c.unavailable_reason())"
     )
     try:
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=150)
     finally:
-        stale.unlink(missing_ok=True)
+        with _cpu_extension.build_lock(folder):
+            stale_left = (folder / "lock").exists()
+            (folder / "lock").unlink(missing_ok=True)
+    assert not stale_left
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "None"
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.prompts import Message
+from sppo_kernels.pipeline.prompts import Message, Prompt
+
+MAX_CHARS_PER_TOKEN = 64  # a prompt longer than this many characters per context token is refused untokenised
 
 
 def load_tokenizer(model: str, *, trust_remote_code: bool = False) -> Any:
@@ -43,6 +45,23 @@ def encode_text(tokenizer: Any, text: str) -> list[int]:
 def encode_prompt(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     """Token ids of the templated prompt (what generation continues)."""
     return encode_text(tokenizer, prompt_text(tokenizer, messages))
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], context: int | None) -> list[list[int]]:
+    """Token ids of each templated prompt, refusing (one line, naming the prompt) any that does not fit in the
+    model's ``context`` (tokens), before anything is generated; absurdly long texts are refused untokenised."""
+    encoded = []
+    for prompt in prompts:
+        chars = sum(len(m["content"]) for m in prompt.messages)
+        if context is not None and chars > MAX_CHARS_PER_TOKEN * context:
+            raise PipelineError(f"prompt {prompt.id} has {chars} characters, far more than the model's context")
+        encoded.append(encode_prompt(tokenizer, prompt.messages))
+        if context is not None and len(encoded[-1]) >= context:
+            raise PipelineError(
+                f"prompt {prompt.id} has {len(encoded[-1])} tokens; the model's context is {context} "
+                "(max_position_embeddings): shorten or drop it"
+            )
+    return encoded
 
 
 @dataclass(frozen=True)

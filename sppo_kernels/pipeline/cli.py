@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("run", "all stages for N iterations (resumes an interrupted run)", (MODEL, PROMPTS), tuple(GROUPS))
     for s in STAGES:
-        command(s.name, s.help, s.inputs, s.groups)
+        command(s.name, s.help, s.inputs, s.option_groups)
     add_eval_command(commands)
     demo = commands.add_parser(
         "demo", help="CPU-size replica of the paper's experiment: 3 SPPO iterations and their win rates (offline)"
@@ -68,7 +68,9 @@ def dispatch(args: argparse.Namespace) -> None:
         run.run_pipeline(args.model, args.prompts, args.out, _options(args, tuple(GROUPS)))
     else:
         chosen = stage(args.command)
-        chosen.run({i.name: getattr(args, i.name) for i in chosen.inputs}, args.out, _options(args, chosen.groups))
+        chosen.run(
+            {i.name: getattr(args, i.name) for i in chosen.inputs}, args.out, _options(args, chosen.option_groups)
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

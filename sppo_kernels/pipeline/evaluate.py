@@ -40,17 +40,28 @@ import numpy as np
 
 from sppo_kernels.pipeline import chat, generate
 from sppo_kernels.pipeline.errors import PipelineError
+from sppo_kernels.pipeline.fingerprint import (
+    Fingerprint,
+    content_identity,
+    file_identity,
+    model_identity,
+    prompts_identity,
+    stage_fingerprint,
+)
 from sppo_kernels.pipeline.modeling import ModelOptions
-from sppo_kernels.pipeline.options import add_options, from_args, opt, validated
+from sppo_kernels.pipeline.options import add_options, at_least, from_args, opt, validated
 from sppo_kernels.pipeline.prompts import Prompt, PromptOptions, load_prompts
-from sppo_kernels.pipeline.rank import PairRMScorer, PairwiseScorer, RankOptions
+from sppo_kernels.pipeline.rank import PairRMScorer, PairwiseScorer, RankOptions, judge_identity
 from sppo_kernels.pipeline.store import (
     atomic_path,
+    begin_stage,
     chunks,
     mark_done,
     read_json,
     read_rows,
+    remove_tree,
     run_units,
+    settle_stale,
     stage_summary,
     write_json,
     write_jsonl,
@@ -67,6 +78,8 @@ MODEL_OUTPUTS = "model_outputs.json"
 OUTPUT_KEYS = ("id", "instruction", "output", "num_tokens", "finish_reason")
 JUDGMENT_KEYS = ("id", "outcome", "preference")
 DEFAULT_JUDGE = "pairrm"
+# The generation options that change an evaluated response (the HF batch size too: padding changes samples).
+SAMPLING_FIELDS = ("temperature", "top_p", "max_new_tokens", "generation_backend", "generation_batch_size")
 ROW_KEYS = (
     "iteration",
     "judge",
@@ -77,31 +90,42 @@ ROW_KEYS = (
     "avg_length_tokens",
     "avg_length_chars",
 )
-OPERATIONAL_GENERATE = ("num_responses", "generation_shard_size", "tensor_parallel_size", "gpu_memory_utilization")
-OPERATIONAL_RANK = ("rank_batch_size", "rank_shard_size", "ranker_device")
 LC_L2 = 0.01  # ridge on (θ, φ): sklearn's C = 100 (AlpacaEval's default C); keeps separable data finite
 
 
 @dataclass
 class EvalOptions:
-    """Evaluation against a baseline (``sppo-train eval``, or the ``evaluate`` stage of ``run``)."""
+    """Evaluation against a baseline (``sppo-train eval``, or the ``evaluate`` stage of ``run``). None of these is
+    part of a run's fingerprint: the evaluation never changes a trained model and checks its own settings
+    (``eval/settings.json``)."""
 
     eval_prompts: str | None = opt(
         None,
         "held-out prompts, same formats as --prompts (--prompt-column/--prompt-split apply); with run, adds an "
         "evaluate stage after the last iteration",
+        fingerprinted=False,
     )
-    eval_max_prompts: int | None = opt(None, "use only the first N eval prompts")
+    eval_max_prompts: int | None = opt(
+        None, "use only the first N eval prompts", check=at_least(1), fingerprinted=False
+    )
     eval_sampling: str = opt(
         "paper",
         "paper: sample with the generate options' temperature/top_p (the paper's 0.7/0.9); greedy: argmax decoding",
         ("paper", "greedy"),
+        fingerprinted=False,
     )
-    eval_seed: int = opt(0, "seed of the eval sampling (the same for every policy) and of the bootstrap")
-    eval_bootstrap: int = opt(2000, "bootstrap resamples of the prompts for the 95%% interval")
-    eval_baseline: str | None = opt(None, "baseline model (default: the base policy, iteration 0)")
-    eval_shard_size: int = opt(64, "prompts per saved unit of work")
-    eval_dataset: str | None = opt(None, "'dataset' field of model_outputs.json (default: the eval prompts' name)")
+    eval_seed: int = opt(
+        0, "seed of the eval sampling (the same for every policy) and of the bootstrap", check=at_least(0),
+        fingerprinted=False,
+    )  # fmt: skip
+    eval_bootstrap: int = opt(
+        2000, "bootstrap resamples of the prompts for the 95%% interval", check=at_least(1), fingerprinted=False
+    )
+    eval_baseline: str | None = opt(None, "baseline model (default: the base policy, iteration 0)", fingerprinted=False)
+    eval_shard_size: int = opt(64, "prompts per saved unit of work", check=at_least(1), fingerprinted=False)
+    eval_dataset: str | None = opt(
+        None, "'dataset' field of model_outputs.json (default: the eval prompts' name)", fingerprinted=False
+    )
 
 
 # --------------------------------------------------------------------------------------------- statistics
@@ -230,11 +254,20 @@ def generate_outputs(
     sampler: generate.Sampler | None = None,
 ) -> list[dict[str, Any]]:
     """One response per prompt from ``model`` (resumable units), written to ``outputs.jsonl`` and AlpacaEval's
-    ``model_outputs.json`` in ``folder``; returns the rows of ``outputs.jsonl``."""
-    if stage_summary(folder, "generate") is not None:
+    ``model_outputs.json`` in ``folder``; returns the rows of ``outputs.jsonl``. Earlier work in ``folder`` is
+    reused only when its fingerprint (model, prompts, sampling, seed, shards, labels) matches."""
+    sampling = _generation_options(options, generate_options)
+    settings = {"seed": options.eval_seed, "shard_size": options.eval_shard_size, "dataset": dataset}
+    settings |= {name: getattr(sampling, name) for name in SAMPLING_FIELDS}
+    inputs = {
+        "model": model_identity(model),
+        "prompts": prompts_identity(prompts),
+        "settings": content_identity(settings),
+    }
+    fingerprint = stage_fingerprint("eval-generate", inputs, model_options)
+    if begin_stage(folder, "generate", fingerprint, quiet=True) is not None:
         return read_rows(folder / OUTPUTS, OUTPUT_KEYS)
     started = time.perf_counter()
-    sampling = _generation_options(options, generate_options)
     tokenizer = chat.load_tokenizer(model, trust_remote_code=model_options.trust_remote_code)
     prompt_ids = [chat.encode_prompt(tokenizer, p.messages) for p in prompts]
     engine = sampler
@@ -258,7 +291,10 @@ def generate_outputs(
         ]
 
     shards = chunks(range(len(prompts)), options.eval_shard_size)
-    results = run_units(folder / "generate_units", shards, work, desc=f"eval generate {folder.name}", weight=len)
+    results = run_units(
+        folder / "generate_units", shards, work, fingerprint=fingerprint, desc=f"eval generate {folder.name}",
+        weight=len,
+    )  # fmt: skip
     rows = [row for shard in results for row in shard]
     write_jsonl(folder / OUTPUTS, rows)
     alpaca = [
@@ -267,7 +303,8 @@ def generate_outputs(
     ]
     write_json(folder / MODEL_OUTPUTS, alpaca)
     seconds = round(time.perf_counter() - started, 2)
-    mark_done(folder, "generate", {"model": model, "prompts": len(rows), "seconds": seconds})
+    summary = {"model": model, "prompts": len(rows), "seconds": seconds, "fingerprint": fingerprint.record}
+    mark_done(folder, "generate", summary)
     return rows
 
 
@@ -283,6 +320,7 @@ def judge_outputs(
     *,
     shard_size: int,
     where: str,
+    fingerprint: Fingerprint,
 ) -> list[dict[str, Any]]:
     """Verdicts of ``judge`` on every (policy response, baseline response) pair, in both orders.
 
@@ -290,11 +328,11 @@ def judge_outputs(
     ``L[0][1] − L[1][0]`` (llm-blender's ``compare(mode="[A,B]+[B,A]")``: the policy's logit when shown first
     minus the baseline's when shown first), and the outcome is 1 / ½ / 0 as it is > 0 / 0 / < 0. Identical
     responses are a tie without asking the judge (as AlpacaEval does). Rows are written to
-    ``judgments-<judge>.jsonl`` in ``folder``.
+    ``judgments-<judge>.jsonl`` in ``folder``; earlier verdicts are reused only under the same ``fingerprint``.
     """
     marker = f"judge-{judge_name}"
     path = folder / f"judgments-{judge_name}.jsonl"
-    if stage_summary(folder, marker) is not None:
+    if begin_stage(folder, marker, fingerprint, quiet=True) is not None:
         return read_rows(path, JUDGMENT_KEYS)
     pairs = list(zip(policy_rows, baseline_rows, strict=True))
 
@@ -333,6 +371,7 @@ def judge_outputs(
         folder / f"judge_units-{judge_name}",
         chunks(pairs, shard_size),
         work,
+        fingerprint=fingerprint,
         desc=f"eval judge {judge_name} {folder.name}",
         weight=len,
     )
@@ -340,7 +379,7 @@ def judge_outputs(
     write_jsonl(path, rows)
     outcomes = [row["outcome"] for row in rows]
     counts = {"wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0)}
-    mark_done(folder, marker, {"pairs": len(rows), **counts})
+    mark_done(folder, marker, {"pairs": len(rows), **counts, "fingerprint": fingerprint.record})
     return rows
 
 
@@ -403,17 +442,17 @@ def plot_win_rates(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
 # --------------------------------------------------------------------------------------------- the stage
 
 
-def _check_settings(path: Path, record: dict[str, Any]) -> None:
-    if not path.is_file():
-        write_json(path, record)
+def _settle_settings(work_dir: Path, fingerprint: Fingerprint, readable: dict[str, Any]) -> None:
+    """Record the evaluation's fingerprint (and, for people, its ``readable`` settings) in ``work_dir``, or settle
+    an earlier evaluation there made from other policies, prompts or settings: refused, or (``--discard-stale``)
+    removed and redone. Only the fingerprint is compared (contents, not paths)."""
+    path = work_dir / "settings.json"
+    stored = read_json(path) if path.is_file() else None
+    if stored is not None and settle_stale(
+        f"the evaluation in {work_dir}", stored.get("fingerprint"), fingerprint, lambda: remove_tree(work_dir)
+    ):
         return
-    previous = read_json(path)
-    changed = [key for key in record if previous.get(key) != record[key]]
-    if changed:
-        raise PipelineError(
-            f"{path.parent} holds an evaluation with different settings ({', '.join(changed)}); use the same "
-            "settings or another --out"
-        )
+    write_json(path, {**readable, "fingerprint": fingerprint.record})
 
 
 def _check_tokenizer(model: str, model_options: ModelOptions) -> None:
@@ -470,19 +509,23 @@ def evaluate(
         _check_tokenizer(model, model_options)
     work_dir = out / WORK_DIR
     sampling = _generation_options(options, generate_options)
-    _check_settings(
-        work_dir / "settings.json",
-        {
-            "policies": [asdict(p) for p in policies],
-            "baseline": baseline,
-            "prompts": prompts_source,
-            "prompt_ids": [p.id for p in prompts],
-            "options": {k: v for k, v in asdict(options).items() if k != "eval_bootstrap"},
-            "generate": {k: v for k, v in asdict(sampling).items() if k not in OPERATIONAL_GENERATE},
-            "judge": {k: v for k, v in asdict(rank_options).items() if k not in OPERATIONAL_RANK},
-        },
-    )
     dataset = options.eval_dataset or Path(prompts_source).stem
+    identities = {f"iteration {p.iteration}": model_identity(p.path) for p in policies}
+    identities |= {"baseline": model_identity(baseline), "prompts": prompts_identity(prompts)}
+    settings = {"seed": options.eval_seed, "shard_size": options.eval_shard_size, "dataset": dataset}
+    settings |= {name: getattr(sampling, name) for name in SAMPLING_FIELDS}
+    readable = {
+        "policies": [asdict(p) for p in policies],
+        "baseline": baseline,
+        "prompts": prompts_source,
+        "options": asdict(options),
+        "generate": asdict(sampling),
+        "judge": asdict(rank_options),
+    }
+    fingerprint = stage_fingerprint(
+        STAGE, {**identities, "settings": content_identity(settings)}, model_options
+    )  # fmt: skip
+    _settle_settings(work_dir, fingerprint, readable)
     folders: dict[str, Path] = {}  # model path -> folder of its outputs (a model listed twice is generated once)
     for p in policies:
         folders.setdefault(p.path, work_dir / f"iter{p.iteration}")
@@ -508,6 +551,12 @@ def evaluate(
     rows = []
     for name, judge in judges.items():
         for p in policies:
+            compared = {
+                "policy outputs": file_identity(folders[p.path] / OUTPUTS),
+                "baseline outputs": file_identity(folders[baseline] / OUTPUTS),
+                "judge": judge_identity(None if isinstance(judge, _LazyPairRM) else judge),
+                "shards": content_identity(options.eval_shard_size),
+            }
             verdicts = judge_outputs(
                 judge,
                 name,
@@ -516,6 +565,7 @@ def evaluate(
                 folders[p.path],
                 shard_size=options.eval_shard_size,
                 where=f"{prompts_source} (policy {p.path})",
+                fingerprint=stage_fingerprint("eval-judge", compared, rank_options),
             )
             stats = summarize(
                 [v["outcome"] for v in verdicts],

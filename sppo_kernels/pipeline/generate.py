@@ -10,6 +10,7 @@ own seed derived from (seed, k, shard), so a killed run resumes without changing
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import time
 from collections.abc import Sequence
@@ -21,10 +22,11 @@ import numpy as np
 
 from sppo_kernels.pipeline import chat, schema
 from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.modeling import ModelOptions, default_device, default_dtype, load_causal_lm
-from sppo_kernels.pipeline.options import opt
+from sppo_kernels.pipeline.fingerprint import model_identity, prompts_identity, stage_fingerprint
+from sppo_kernels.pipeline.modeling import ModelOptions, context_length, default_device, default_dtype, load_causal_lm
+from sppo_kernels.pipeline.options import at_least, between, opt
 from sppo_kernels.pipeline.prompts import Prompt
-from sppo_kernels.pipeline.store import chunks, finish_stage, run_units, write_jsonl
+from sppo_kernels.pipeline.store import begin_stage, chunks, finish_stage, run_units, write_jsonl
 
 STAGE = "generate"
 
@@ -33,18 +35,23 @@ STAGE = "generate"
 class GenerateOptions:
     """Sampling settings (defaults: the SPPO paper's)."""
 
-    num_responses: int = opt(5, "responses per prompt (K)")
-    temperature: float = opt(0.7, "sampling temperature (0: greedy decoding)")
-    top_p: float = opt(0.9, "nucleus sampling threshold")
-    max_new_tokens: int = opt(2048, "maximum tokens per response")
-    generation_seed: int = opt(0, "base seed; pass k and shard j sample with a seed derived from (seed, k, j)")
+    num_responses: int = opt(5, "responses per prompt (K)", check=at_least(2))
+    temperature: float = opt(0.7, "sampling temperature (0: greedy decoding)", check=at_least(0))
+    top_p: float = opt(0.9, "nucleus sampling threshold", check=between(0, 1, low_open=True))
+    max_new_tokens: int = opt(2048, "maximum tokens per response", check=at_least(1))
+    generation_seed: int = opt(
+        0, "base seed; pass k and shard j sample with a seed derived from (seed, k, j)", check=at_least(0)
+    )
     generation_backend: str = opt(
         "auto", "auto: vLLM when importable and CUDA is present, else HF", ("auto", "vllm", "hf")
     )
-    generation_batch_size: int = opt(16, "prompts per HF generate call")
-    generation_shard_size: int = opt(256, "prompts per saved unit of work")
-    tensor_parallel_size: int = opt(1, "vLLM tensor-parallel size")
-    gpu_memory_utilization: float = opt(0.9, "vLLM GPU memory fraction")
+    # HF samples depend on the batch (padding, random stream) and on the shard (its seed): both fingerprinted
+    generation_batch_size: int = opt(16, "prompts per HF generate call", check=at_least(1))
+    generation_shard_size: int = opt(256, "prompts per saved unit of work", check=at_least(1))
+    tensor_parallel_size: int = opt(1, "vLLM tensor-parallel size", check=at_least(1), fingerprinted=False)
+    gpu_memory_utilization: float = opt(
+        0.9, "vLLM GPU memory fraction", check=between(0, 1, low_open=True), fingerprinted=False
+    )
 
 
 class Sample(NamedTuple):
@@ -158,10 +165,15 @@ class HFSampler:
         return samples
 
 
+def engine_name(options: GenerateOptions) -> str:
+    """``vllm`` or ``hf``: the engine that ``generation_backend`` picks here."""
+    backend = options.generation_backend
+    return "vllm" if backend == "vllm" or (backend == "auto" and vllm_usable()) else "hf"
+
+
 def make_sampler(model: str, options: GenerateOptions, *, tokenizer: Any, model_options: ModelOptions) -> Sampler:
     """The engine chosen by ``generation_backend``."""
-    backend = options.generation_backend
-    if backend == "vllm" or (backend == "auto" and vllm_usable()):
+    if engine_name(options) == "vllm":
         if importlib.util.find_spec("vllm") is None:
             raise PipelineError("--generation-backend vllm needs vLLM (pip install 'sppo-kernels[vllm]')")
         return VLLMSampler(model, options, trust_remote_code=model_options.trust_remote_code)
@@ -180,13 +192,18 @@ def run_generate(
     """Sample ``num_responses`` responses for every prompt; returns the path of ``generations.jsonl``."""
     if not prompts:
         raise PipelineError("generate: the prompt set is empty")
-    if options.num_responses < 2:
-        raise PipelineError(f"--num-responses must be >= 2 to rank responses, got {options.num_responses}")
     out_dir = Path(out_dir)
     started = time.perf_counter()
     model_options = model_options or ModelOptions()
+    inputs = {"model": model_identity(model), "prompts": prompts_identity(prompts)}
+    engine_options = dataclasses.replace(options, generation_backend=engine_name(options))  # "auto" resolved
+    fp = stage_fingerprint(STAGE, inputs, engine_options, model_options)
+    path = schema.GENERATIONS.path(out_dir)
+    if begin_stage(out_dir, STAGE, fp) is not None:
+        return path
     tokenizer = chat.load_tokenizer(model, trust_remote_code=model_options.trust_remote_code)
-    prompt_ids = [chat.encode_prompt(tokenizer, p.messages) for p in prompts]
+    context = context_length(model, trust_remote_code=model_options.trust_remote_code)
+    prompt_ids = chat.encode_prompts(tokenizer, prompts, context)
     shards = chunks(range(len(prompts)), options.generation_shard_size)
     units = [(k, j, shard) for k in range(options.num_responses) for j, shard in enumerate(shards)]
     engine = sampler
@@ -203,6 +220,7 @@ def run_generate(
         schema.units_dir(out_dir, STAGE),
         units,
         work,
+        fingerprint=fp,
         desc="generate",
         total=len(prompts) * options.num_responses,
         weight=lambda unit: len(unit[2]),
@@ -213,7 +231,6 @@ def run_generate(
             rows[i]["responses"].append(sample["text"])
             rows[i]["finish_reasons"].append(sample["finish_reason"])
             rows[i]["num_tokens"].append(sample["num_tokens"])
-    path = schema.GENERATIONS.path(out_dir)
     write_jsonl(path, rows)
     num_tokens = [n for row in rows for n in row["num_tokens"]]
     counts = {
@@ -226,5 +243,5 @@ def run_generate(
         f"{counts['prompts']} prompts x {options.num_responses} responses, mean {counts['mean_tokens']:.1f} tokens, "
         f"{counts['hit_max_new_tokens']} cut at max_new_tokens"
     )
-    finish_stage(out_dir, STAGE, counts, started=started, options=options, report=report, output=path)
+    finish_stage(out_dir, STAGE, counts, fingerprint=fp, started=started, options=options, report=report, output=path)
     return path

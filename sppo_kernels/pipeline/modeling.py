@@ -29,14 +29,18 @@ class ModelOptions:
     line also has a generation backend); ``ModelOptions(kernel_backend=...)`` is its deprecated old spelling.
     """
 
-    trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code")
+    trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code", fingerprinted=False)
     attn_implementation: str | None = opt(
         None,
         "attention kernel (default: flash_attention_2 if installed on CUDA, eager for soft-capped "
         "attention without it, else sdpa)",
     )
-    backend: str = opt(
-        "auto", "sppo_kernels backend for the log-probs and the loss", sk.BACKENDS, name="kernel_backend"
+    backend: str = opt(  # every backend computes the same log-probs up to rounding: not fingerprinted
+        "auto",
+        "sppo_kernels backend for the log-probs and the loss",
+        sk.BACKENDS,
+        name="kernel_backend",
+        fingerprinted=False,
     )
 
 
@@ -61,6 +65,18 @@ def pick_attn_implementation(config: Any, requested: str | None, device: torch.d
     if getattr(config, "attn_logit_softcapping", None):
         return "eager"
     return "sdpa"
+
+
+def context_length(path: str, *, trust_remote_code: bool = False) -> int | None:
+    """The model's context in tokens (``max_position_embeddings`` of its config), or None when it has none."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"cannot load a model config from {path!r}: {e}") from e
+    length = getattr(config, "max_position_embeddings", None)
+    return length if isinstance(length, int) and length > 0 else None
 
 
 def load_causal_lm(path: str, options: ModelOptions, *, device: torch.device, dtype: torch.dtype) -> Any:

@@ -4,14 +4,23 @@ A field ``max_new_tokens: int = 2048`` with ``metadata={"help": ...}`` becomes `
 become ``--flag/--no-flag``; ``X | None`` fields accept a value or default to None. An option's name on the
 command line and in ``run.json`` is its field name unless ``opt(..., name=...)`` says otherwise (the model
 options' ``backend`` is ``--kernel-backend``: the command line also has a generation backend).
+
+Each option also declares its valid values (``check=``, e.g. :func:`positive`; checked with the choices by
+:func:`validated` before anything runs; an options class may add a ``check()`` method for rules across its
+fields), whether it changes results (``fingerprinted=False``: it cannot, e.g. a device or a batch size that
+only changes rounding, or its effect is already in an input's content hash) and whether its value names a
+model or a file (``identity="model"|"file"``: fingerprinted by content, not by the path string). See
+:mod:`~sppo_kernels.pipeline.fingerprint`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from sppo_kernels.pipeline.errors import PipelineError
@@ -19,10 +28,47 @@ from sppo_kernels.pipeline.errors import PipelineError
 OptionsT = TypeVar("OptionsT")
 
 
-def opt(default: Any, help: str, choices: tuple[str, ...] | None = None, *, name: str | None = None) -> Any:
+Check = Callable[[Any], bool]
+
+
+def opt(
+    default: Any,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    *,
+    name: str | None = None,
+    check: tuple[Check, str] | None = None,
+    fingerprinted: bool = True,
+    identity: str | None = None,
+) -> Any:
     """A dataclass field with the help text (and choices) of its command-line flag; ``name``: the option's name
-    on the command line and in records when it differs from the field's."""
-    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "name": name})
+    on the command line and in records when it differs from the field's; ``check``: ``(predicate, "what it
+    must be")`` for values other than None; ``fingerprinted``: whether the option is part of the fingerprint of
+    the work it produces; ``identity``: ``"model"`` or ``"file"`` when the value is a path whose content counts."""
+    metadata = {"help": help, "choices": choices, "name": name, "check": check}
+    return dataclasses.field(
+        default=default, metadata={**metadata, "fingerprinted": fingerprinted, "identity": identity}
+    )
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def at_least(low: float) -> tuple[Check, str]:
+    """The check of an option that must be a finite number >= ``low``."""
+    return (lambda v: _number(v) and v >= low), f"a number >= {low}"
+
+
+def positive() -> tuple[Check, str]:
+    """The check of an option that must be a finite number > 0."""
+    return (lambda v: _number(v) and v > 0), "a finite number > 0"
+
+
+def between(low: float, high: float, *, low_open: bool = False) -> tuple[Check, str]:
+    """The check of an option in [low, high] (or (low, high] with ``low_open``)."""
+    above = (lambda v: v > low) if low_open else (lambda v: v >= low)
+    return (lambda v: _number(v) and above(v) and v <= high), f"in {'(' if low_open else '['}{low}, {high}]"
 
 
 def option_name(field: dataclasses.Field) -> str:
@@ -74,12 +120,18 @@ def from_args(cls: type[OptionsT], args: argparse.Namespace, **overrides: Any) -
 
 
 def validated(options: OptionsT) -> OptionsT:
-    """Check choices of a built options object (for options built in code rather than by argparse)."""
+    """Check the choices, the ``check`` of every option and the class's ``check()`` (rules across fields), for
+    options built in code as well as from flags; raises :class:`PipelineError` naming the flag."""
     for field in dataclasses.fields(options):  # type: ignore[arg-type]
         choices = field.metadata.get("choices")
         value = getattr(options, field.name)
         if choices and value not in choices:
             raise PipelineError(f"{_flag(field)} must be one of {choices}, got {value!r}")
+        check = field.metadata.get("check")
+        if check is not None and value is not None and not check[0](value):
+            raise PipelineError(f"{_flag(field)} must be {check[1]}, got {value!r}")
+    if hasattr(options, "check"):
+        options.check()
     return options
 
 

@@ -7,6 +7,7 @@ logit that response i beats response j (0 on the diagonal). Any :class:`Pairwise
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -19,9 +20,10 @@ import numpy as np
 
 from sppo_kernels.pipeline import schema
 from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.options import opt
+from sppo_kernels.pipeline.fingerprint import file_identity, looks_like_hub_name, stage_fingerprint
+from sppo_kernels.pipeline.options import at_least, opt
 from sppo_kernels.pipeline.prompts import Prompt
-from sppo_kernels.pipeline.store import chunks, finish_stage, read_rows, run_units, write_jsonl
+from sppo_kernels.pipeline.store import begin_stage, chunks, finish_stage, read_rows, run_units, write_jsonl
 
 STAGE = "rank"
 
@@ -30,12 +32,23 @@ STAGE = "rank"
 class RankOptions:
     """Judge settings."""
 
-    ranker: str = opt("llm-blender/PairRM", "PairRM checkpoint: a local folder, or a hub name (downloads)")
-    rank_batch_size: int = opt(16, "prompts per judge forward batch (each costs K*(K-1) pair passes)")
-    rank_shard_size: int = opt(256, "prompts per saved unit of work")
-    ranker_device: str | None = opt(None, "device for the judge (default: cuda when present, else cpu)")
-    source_max_length: int | None = opt(None, "judge prompt token budget (default: the checkpoint's)")
-    candidate_max_length: int | None = opt(None, "judge response token budget (default: the checkpoint's)")
+    ranker: str = opt(
+        "llm-blender/PairRM", "PairRM checkpoint: a local folder, or a hub name (downloads)", identity="model"
+    )
+    # batch size and device change the logits by rounding only; units are keyed by their content
+    rank_batch_size: int = opt(
+        16, "prompts per judge forward batch (each costs K*(K-1) pair passes)", check=at_least(1), fingerprinted=False
+    )
+    rank_shard_size: int = opt(256, "prompts per saved unit of work", check=at_least(1), fingerprinted=False)
+    ranker_device: str | None = opt(
+        None, "device for the judge (default: cuda when present, else cpu)", fingerprinted=False
+    )
+    source_max_length: int | None = opt(
+        None, "judge prompt token budget (default: the checkpoint's)", check=at_least(1)
+    )
+    candidate_max_length: int | None = opt(
+        None, "judge response token budget (default: the checkpoint's)", check=at_least(1)
+    )
 
 
 class PairwiseScorer(Protocol):
@@ -96,6 +109,8 @@ class PairRMScorer:
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = batch_size
+        if not os.path.isdir(ranker) and not looks_like_hub_name(ranker):
+            raise PipelineError(f"cannot load the PairRM ranker {ranker!r}: no such local folder (not a hub name)")
         self.blender = llm_blender.Blender()
         try:
             self.blender.loadranker(ranker, device=self.device, **_relative_backbone(ranker))
@@ -122,12 +137,29 @@ class PairRMScorer:
         return np.concatenate(logits).astype(np.float32)
 
 
+def judge_identity(scorer: PairwiseScorer | None) -> dict[str, str]:
+    """The judge as a fingerprint input: PairRM (its checkpoint is the ``ranker`` option), or a plugged-in
+    scorer, known by its class only."""
+    kind = "PairRM" if scorer is None else f"{type(scorer).__module__}.{type(scorer).__qualname__}"
+    return {"scorer": kind}
+
+
 def run_rank(
-    generations_path: str | Path, out_dir: str | Path, options: RankOptions, *, scorer: PairwiseScorer | None = None
+    generations_path: str | Path,
+    out_dir: str | Path,
+    options: RankOptions,
+    *,
+    scorer: PairwiseScorer | None = None,
 ) -> Path:
     """Judge all responses of ``generations.jsonl``; returns the path of ``rankings.jsonl``."""
     out_dir = Path(out_dir)
     started = time.perf_counter()
+    inputs = {"generations": file_identity(generations_path), "judge": judge_identity(scorer)}
+    judged = options if scorer is None else dataclasses.replace(options, ranker=None)  # the scorer replaces it
+    fp = stage_fingerprint(STAGE, inputs, judged)
+    path = schema.RANKINGS.path(out_dir)
+    if begin_stage(out_dir, STAGE, fp) is not None:
+        return path
     rows = read_rows(generations_path, schema.GENERATIONS.required)
     if not rows:
         raise PipelineError(f"{generations_path} holds no generations")
@@ -154,9 +186,10 @@ def run_rank(
         return [{"id": row["id"], "logits": matrix.tolist()} for row, matrix in zip(shard, logits, strict=True)]
 
     shards = chunks(rows, options.rank_shard_size)
-    results = run_units(schema.units_dir(out_dir, STAGE), shards, work, desc="rank", total=len(rows), weight=len)
-    path = schema.RANKINGS.path(out_dir)
+    units = schema.units_dir(out_dir, STAGE)
+    results = run_units(units, shards, work, fingerprint=fp, desc="rank", total=len(rows), weight=len)
     write_jsonl(path, [row for shard in results for row in shard])
     report = f"{len(rows)} prompts judged pairwise"
-    finish_stage(out_dir, STAGE, {"prompts": len(rows)}, started=started, options=options, report=report, output=path)
+    counts = {"prompts": len(rows)}
+    finish_stage(out_dir, STAGE, counts, fingerprint=fp, started=started, options=options, report=report, output=path)
     return path

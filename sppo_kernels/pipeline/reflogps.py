@@ -23,6 +23,7 @@ import torch
 from sppo_kernels.integrations import hf
 from sppo_kernels.pipeline import chat, schema
 from sppo_kernels.pipeline.errors import PipelineError
+from sppo_kernels.pipeline.fingerprint import file_identity, model_identity, stage_fingerprint
 from sppo_kernels.pipeline.modeling import (
     ModelOptions,
     default_device,
@@ -30,8 +31,8 @@ from sppo_kernels.pipeline.modeling import (
     load_causal_lm,
     pad_batch,
 )
-from sppo_kernels.pipeline.options import opt
-from sppo_kernels.pipeline.store import atomic_path, chunks, finish_stage, read_rows, run_units
+from sppo_kernels.pipeline.options import at_least, opt
+from sppo_kernels.pipeline.store import atomic_path, begin_stage, chunks, finish_stage, read_rows, run_units
 
 STAGE = "reflogps"
 CARRIED = tuple(column for column in schema.TRAIN_DATA.columns if column in schema.TARGETS.columns)
@@ -41,11 +42,21 @@ CARRIED = tuple(column for column in schema.TRAIN_DATA.columns if column in sche
 class RefLogpsOptions:
     """Tokenisation limits and batching for the reference log-probs."""
 
-    max_length: int = opt(1024, "maximum prompt+response tokens; longer responses are cut and marked truncated")
-    max_prompt_length: int = opt(512, "maximum prompt tokens; longer prompts keep their last tokens")
+    max_length: int = opt(
+        1024, "maximum prompt+response tokens; longer responses are cut and marked truncated", check=at_least(2)
+    )
+    max_prompt_length: int = opt(512, "maximum prompt tokens; longer prompts keep their last tokens", check=at_least(1))
     drop_truncated: bool = opt(False, "drop sequences whose response was cut (by max_length or max_new_tokens)")
-    reflogps_batch_size: int = opt(8, "sequences per forward pass")
-    reflogps_shard_size: int = opt(1024, "sequences per saved unit of work")
+    # the batch changes log-probs by rounding only; units are keyed by their content
+    reflogps_batch_size: int = opt(8, "sequences per forward pass", check=at_least(1), fingerprinted=False)
+    reflogps_shard_size: int = opt(1024, "sequences per saved unit of work", check=at_least(1), fingerprinted=False)
+
+    def check(self) -> None:
+        """Rules across options (see :func:`~sppo_kernels.pipeline.options.validated`)."""
+        if self.max_prompt_length >= self.max_length:
+            raise PipelineError(
+                f"--max-prompt-length ({self.max_prompt_length}) must be < --max-length ({self.max_length})"
+            )
 
 
 def tokenize_targets(rows: Sequence[dict[str, Any]], tokenizer: Any, options: RefLogpsOptions) -> list[dict[str, Any]]:
@@ -97,6 +108,11 @@ def run_reflogps(
     model_options = model_options or ModelOptions()
     out_dir = Path(out_dir)
     started = time.perf_counter()
+    inputs = {"model": model_identity(model_path), "targets": file_identity(targets_path)}
+    fp = stage_fingerprint(STAGE, inputs, options, model_options)
+    path = schema.TRAIN_DATA.path(out_dir)
+    if begin_stage(out_dir, STAGE, fp) is not None:
+        return path
     tokenizer = chat.load_tokenizer(model_path, trust_remote_code=model_options.trust_remote_code)
     rows = tokenize_targets(read_rows(targets_path, schema.TARGETS.required), tokenizer, options)
     truncated = sum(row["truncated"] for row in rows)
@@ -119,10 +135,9 @@ def run_reflogps(
 
     shards = chunks(rows, options.reflogps_shard_size)
     units = schema.units_dir(out_dir, STAGE)
-    results = run_units(units, shards, work, desc="ref logps", total=len(rows), weight=len)
+    results = run_units(units, shards, work, fingerprint=fp, desc="ref logps", total=len(rows), weight=len)
     for row, result in zip(rows, (r for shard in results for r in shard), strict=True):
         row["ref_logp"] = result["ref_logp"]
-    path = schema.TRAIN_DATA.path(out_dir)
     with atomic_path(path) as tmp:
         datasets.Dataset.from_list(rows).to_parquet(str(tmp))
     counts = {
@@ -132,5 +147,5 @@ def run_reflogps(
     }
     dropped = ", dropped" if options.drop_truncated else ""
     report = f"{len(rows)} sequences ({truncated} truncated{dropped}), mean log-prob {counts['mean_ref_logp']:.2f}"
-    finish_stage(out_dir, STAGE, counts, started=started, options=options, report=report, output=path)
+    finish_stage(out_dir, STAGE, counts, fingerprint=fp, started=started, options=options, report=report, output=path)
     return path

@@ -5,6 +5,11 @@ Iteration t writes its split of the prompts to ``iter<t>/prompts.jsonl``, then r
 :mod:`~sppo_kernels.pipeline.schema`), in this process or, where the stage asks for it (vLLM generation, a
 training launcher), as ``sppo-train <stage>`` in a child process. Iteration t samples from, and takes its
 reference log-probs from, π_t (the base model for t = 1); ``iter<t>/model`` is π_{t+1}.
+
+``run.json`` holds the run's fingerprint (:func:`run_fingerprint`: model and prompt content, judge, options
+that change results); a rerun with another one is refused, or with ``--discard-stale`` accepted, after which
+each stage reuses exactly the work whose own fingerprint still matches (an earlier stage's changed output
+changes the next stage's input hash, so the change cascades).
 """
 
 from __future__ import annotations
@@ -15,19 +20,23 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from sppo_kernels.pipeline import evaluate, schema
+from sppo_kernels.pipeline import chat, evaluate, schema
 from sppo_kernels.pipeline.errors import PipelineError
+from sppo_kernels.pipeline.fingerprint import (
+    Fingerprint,
+    discarding_stale,
+    model_identity,
+    prompts_identity,
+    stage_fingerprint,
+)
+from sppo_kernels.pipeline.modeling import context_length
 from sppo_kernels.pipeline.options import to_record, validated
 from sppo_kernels.pipeline.prompts import Prompt, PromptOptions, load_prompts, split_prompts
-from sppo_kernels.pipeline.rank import PairwiseScorer
+from sppo_kernels.pipeline.rank import PairwiseScorer, judge_identity
 from sppo_kernels.pipeline.stages import STAGES, PipelineOptions, RunOptions, default_launcher
-from sppo_kernels.pipeline.store import read_json, stage_summary, write_json, write_jsonl
+from sppo_kernels.pipeline.store import check_out_dir, read_json, settle_stale, stage_summary, write_json, write_jsonl
 
-__all__ = ["OPERATIONAL", "PipelineOptions", "RunOptions", "default_launcher", "run_iteration", "run_pipeline"]
-
-OPERATIONAL = {("run", "launcher")}  # may change between attempts without changing any result
-# The evaluation never changes a trained model, and checks its own settings (eval/settings.json).
-OPERATIONAL |= {("evaluate", f.name) for f in dataclasses.fields(evaluate.EvalOptions)}
+__all__ = ["PipelineOptions", "RunOptions", "default_launcher", "run_fingerprint", "run_iteration", "run_pipeline"]
 
 
 def _record(options: PipelineOptions) -> dict[str, dict[str, Any]]:
@@ -35,23 +44,25 @@ def _record(options: PipelineOptions) -> dict[str, dict[str, Any]]:
     return {f.name: to_record(getattr(options, f.name)) for f in dataclasses.fields(options)}
 
 
-def _check_run_record(out: Path, record: dict[str, Any]) -> None:
-    """Write ``run.json``, or check that a previous attempt in ``out`` used the same model, prompts and options."""
+def run_fingerprint(
+    model: str, prompts: list[Prompt], options: PipelineOptions, scorer: PairwiseScorer | None = None
+) -> Fingerprint:
+    """What a run's results depend on: the model's and the prompts' content, the judge and every fingerprinted
+    option (all groups validated here). Stored in ``run.json``; a rerun must match it."""
+    groups = [getattr(options, f.name) for f in dataclasses.fields(options)]
+    if scorer is not None:  # a plugged-in judge replaces the ranker checkpoint
+        groups = [dataclasses.replace(g, ranker=None) if g is options.rank else g for g in groups]
+    inputs = {"model": model_identity(model), "prompts": prompts_identity(prompts), "judge": judge_identity(scorer)}
+    return stage_fingerprint("run", inputs, *groups)
+
+
+def _check_run_record(out: Path, fingerprint: Fingerprint, record: dict[str, Any]) -> None:
+    """Write ``run.json``, or check that a previous attempt in ``out`` had the same fingerprint: a different one is
+    refused, or (``--discard-stale``) replaced; the stages then reuse what still matches."""
     path = out / schema.RUN_RECORD
-    if not path.is_file():
-        write_json(path, record)
-        return
-    previous = read_json(path)
-    changed = [key for key in ("model", "prompts") if previous.get(key) != record[key]]
-    for group, values in record["options"].items():
-        for name, value in values.items():
-            if (group, name) not in OPERATIONAL and previous.get("options", {}).get(group, {}).get(name) != value:
-                changed.append(f"{group}.{name}")
-    if changed:
-        raise PipelineError(
-            f"{out} holds a run with different settings ({', '.join(changed)}); resume with the same settings "
-            "or choose another --out"
-        )
+    stored = read_json(path) if path.is_file() else None
+    if stored is None or not settle_stale(f"the run in {out}", stored.get("fingerprint"), fingerprint, lambda: None):
+        write_json(path, {**record, "fingerprint": fingerprint.record})
 
 
 def _subprocess(command: list[str], stage: str) -> None:
@@ -69,13 +80,11 @@ def run_iteration(
     *,
     scorer: PairwiseScorer | None = None,
 ) -> Path:
-    """All stages of one iteration in ``folder`` (finished stages skipped); returns π_{t+1}'s folder."""
+    """All stages of one iteration in ``folder`` (a stage skips itself when it finished with the same
+    fingerprint); returns π_{t+1}'s folder."""
     write_jsonl(schema.PROMPTS.path(folder), [p.to_json() for p in prompts])
     options = dataclasses.replace(options, prompts=PromptOptions())  # the split is already selected
     for stage in STAGES:
-        if stage_summary(folder, stage.name) is not None:
-            print(f"[{stage.name}] finished earlier in {folder}; skipping")
-            continue
         inputs = {i.name: model if i.artefact is None else str(i.artefact.path(folder)) for i in stage.inputs}
         command = stage.child(options)
         if command is None:
@@ -95,14 +104,29 @@ def run_pipeline(
     *,
     scorer: PairwiseScorer | None = None,
 ) -> Path:
-    """``options.run.iterations`` SPPO iterations from ``model``; returns the last iteration's model folder."""
+    """``options.run.iterations`` SPPO iterations from ``model``; returns the last iteration's model folder.
+
+    Everything is checked before anything is written: the options, ``out``, the model folder, every prompt (and
+    that it fits in the model's context) and ``run.json`` of an earlier attempt."""
+    with discarding_stale(options.reuse.discard_stale):
+        return _run_pipeline(model, prompts_source, Path(out), options, scorer)
+
+
+def _run_pipeline(
+    model: str, prompts_source: str, out: Path, options: PipelineOptions, scorer: PairwiseScorer | None
+) -> Path:
     for group in dataclasses.fields(options):
         validated(getattr(options, group.name))
-    out = Path(out)
+    check_out_dir(out)
     prompts = load_prompts(prompts_source, options.prompts)
+    fingerprint = run_fingerprint(model, prompts, options, scorer)
     splits = split_prompts(prompts, options.run.iterations)
+    trust = options.model.trust_remote_code
+    chat.encode_prompts(
+        chat.load_tokenizer(model, trust_remote_code=trust), prompts, context_length(model, trust_remote_code=trust)
+    )
     out.mkdir(parents=True, exist_ok=True)
-    _check_run_record(out, {"model": model, "prompts": prompts_source, "options": _record(options)})
+    _check_run_record(out, fingerprint, {"model": model, "prompts": prompts_source, "options": _record(options)})
     current = model
     for t, split in enumerate(splits, 1):
         print(f"=== iteration {t}/{len(splits)}: {len(split)} prompts, policy {current}")

@@ -3,7 +3,7 @@ completion markers. Stages, ``run`` and the tests take names and columns from he
 
 Layout of a run folder ``out``::
 
-    run.json                  RUN_RECORD     the model, prompts and every option (a rerun must match it)
+    run.json                  RUN_RECORD     the model, prompts, every option and the fingerprint (a rerun must match)
     iter1/                    iteration_dir(out, 1)
       prompts.jsonl           PROMPTS        run: this iteration's split of the prompts
       generations.jsonl       GENERATIONS    generate
@@ -13,9 +13,10 @@ Layout of a run folder ``out``::
       metrics.jsonl           METRICS        train: one row per optimizer step
       loss.png                LOSS_PLOT      train
       model/                  MODEL_DIR      train: π_{t+1}, the policy and reference of iteration t+1
-      stages/<stage>.json     marker_path    completion marker and summary of each stage (written last)
-      <stage>_units/          units_dir      resumable partial work (generate, rank, reflogps)
-      checkpoints/            CHECKPOINTS    train's resumable DeepSpeed state; LATEST_CHECKPOINT names the newest
+      stages/<stage>.json     marker_path    completion marker, summary and fingerprint of each stage (written last)
+      <stage>_units/          units_dir      resumable partial work (generate, rank, reflogps), with its fingerprint
+      checkpoints/            CHECKPOINTS    train's resumable DeepSpeed state; LATEST_CHECKPOINT names the newest,
+                                             lists its files and carries its fingerprint
     iter2/...
 
 Adding a column: add it to its artefact here (and write it in its stage); a column that TRAIN_DATA shares with
@@ -109,7 +110,9 @@ RUN_RECORD = "run.json"
 LOSS_PLOT = "loss.png"
 MODEL_DIR = "model"
 CHECKPOINTS = "checkpoints"
-LATEST_CHECKPOINT = "latest.json"  # in CHECKPOINTS: {"tag": "step-0000042", "step": 42}
+LATEST_CHECKPOINT = (
+    "latest.json"  # in CHECKPOINTS: {"tag": "step-0000042", "step": 42, "files": {…}, "fingerprint": {…}}
+)
 MARKER_DIR = "stages"
 
 

@@ -19,23 +19,36 @@ from typing import Any
 
 from sppo_kernels.pipeline import evaluate, generate, rank, reflogps, schema, targets, train
 from sppo_kernels.pipeline.errors import PipelineError
+from sppo_kernels.pipeline.fingerprint import discarding_stale
 from sppo_kernels.pipeline.modeling import ModelOptions
-from sppo_kernels.pipeline.options import opt, to_argv
+from sppo_kernels.pipeline.options import at_least, opt, to_argv
 from sppo_kernels.pipeline.prompts import PromptOptions, load_prompts
+from sppo_kernels.pipeline.store import ReuseOptions
 
-__all__ = ["STAGES", "STAGE_NAMES", "Input", "PipelineOptions", "RunOptions", "Stage", "cli_command", "stage"]
+__all__ = [
+    "COMMON_GROUPS",
+    "STAGES",
+    "STAGE_NAMES",
+    "Input",
+    "PipelineOptions",
+    "RunOptions",
+    "Stage",
+    "cli_command",
+    "stage",
+]
 
 
 @dataclass
 class RunOptions:
     """Iteration control."""
 
-    iterations: int = opt(3, "SPPO iterations, each on its own split of the prompts")
+    iterations: int = opt(3, "SPPO iterations, each on its own split of the prompts", check=at_least(1))
     launcher: str | None = opt(
         None,
         "command that starts the train stage in several processes, e.g. 'torchrun --nproc_per_node 8' or "
         "'deepspeed --hostfile hosts' (default: torchrun over the local GPUs when there are several, else "
         "in this process)",
+        fingerprinted=False,
     )
 
 
@@ -44,6 +57,7 @@ class PipelineOptions:
     """Every option of every stage, by group (a group's flags are those of its options dataclass)."""
 
     run: RunOptions = field(default_factory=RunOptions)
+    reuse: ReuseOptions = field(default_factory=ReuseOptions)
     prompts: PromptOptions = field(default_factory=PromptOptions)
     model: ModelOptions = field(default_factory=ModelOptions)
     generate: generate.GenerateOptions = field(default_factory=generate.GenerateOptions)
@@ -99,10 +113,14 @@ def in_process(_options: PipelineOptions) -> list[str] | None:
     return None
 
 
+COMMON_GROUPS = ("reuse",)  # option groups of every stage (and of run): what to do with stale work in --out
+
+
 @dataclass(frozen=True)
 class Stage:
-    """One stage: its name (subcommand, marker), its inputs, the option groups it takes, its runner, and
-    ``child(options)``: the command that runs it in a child process during ``run``, or None for in-process."""
+    """One stage: its name (subcommand, marker), its inputs, the option groups it takes (besides
+    :data:`COMMON_GROUPS`), its runner, and ``child(options)``: the command that runs it in a child process
+    during ``run``, or None for in-process."""
 
     name: str
     inputs: tuple[Input, ...]
@@ -111,14 +129,22 @@ class Stage:
     child: Callable[[PipelineOptions], list[str] | None] = in_process
     help: str = ""  # of its subcommand
 
+    @property
+    def option_groups(self) -> tuple[str, ...]:
+        """Its option groups and the common ones: the flags of its subcommand."""
+        return (*self.groups, *COMMON_GROUPS)
+
     def run(self, inputs: Inputs, out: Path, options: PipelineOptions, *, scorer: Any = None) -> Path:
-        """Run the stage in this process on ``inputs`` (``{input name: value}``), writing into ``out``."""
-        return self.runner(inputs, out, options, scorer)
+        """Run the stage in this process on ``inputs`` (``{input name: value}``), writing into ``out``; stale
+        work there is discarded with ``options.reuse.discard_stale``, else refused."""
+        with discarding_stale(options.reuse.discard_stale):
+            return self.runner(inputs, out, options, scorer)
 
     def argv(self, inputs: Inputs, out: Path, options: PipelineOptions) -> list[str]:
         """The ``sppo-train`` arguments that run the stage as :meth:`run` does."""
         argv = [self.name, *(arg for i in self.inputs for arg in (f"--{i.name}", str(inputs[i.name])))]
-        return [*argv, "--out", str(out), *(arg for g in self.groups for arg in to_argv(getattr(options, g)))]
+        flags = (arg for g in self.option_groups for arg in to_argv(getattr(options, g)))
+        return [*argv, "--out", str(out), *flags]
 
 
 # Runners: ``runner(inputs, out, options, scorer)`` calls the stage's ``run_*`` function.

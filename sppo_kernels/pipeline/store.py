@@ -1,29 +1,57 @@
-"""Crash-safe artefacts: atomic files and folders, stage completion markers, resumable work units.
+"""Crash-safe artefacts: atomic files and folders, stage completion markers, resumable work units, and the
+fingerprint checks that decide whether earlier work in an output folder may be reused.
 
 Every artefact is written to a hidden temporary sibling and renamed into place (``os.replace`` is atomic on
-POSIX), so a killed process leaves either the previous state or the complete file, plus at most a stray
-``.<name>.<pid>.tmp`` that nothing reads. A stage counts as finished only once its marker exists, and the
-marker is written after all of the stage's outputs.
+POSIX), and a folder is removed by renaming it to a hidden ``.<name>.<pid>.trash`` sibling first, so a killed
+process leaves either the previous state or the complete new one, plus at most a stray ``.tmp`` or ``.trash``
+that nothing reads (trash is swept by the next stage in that folder). A stage counts as finished only once its
+marker exists, and the marker is written after all of the stage's outputs.
+
+Work is reused only when its fingerprint (:mod:`~sppo_kernels.pipeline.fingerprint`) equals the current one:
+a stage calls :func:`begin_stage` first (skips a finished stage with the same fingerprint), passes its
+fingerprint to :func:`run_units` and :func:`finish_stage`; work made with another fingerprint (or none: an
+older version) is refused with :class:`StaleWorkError`, or discarded and recomputed when the fingerprint says
+``discard_stale`` (:func:`settle_stale`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
 from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.options import to_record
+from sppo_kernels.pipeline.fingerprint import Fingerprint, canonical
+from sppo_kernels.pipeline.options import opt, to_record
 from sppo_kernels.pipeline.schema import marker_path
 
 T = TypeVar("T")
+UNIT_TRAILER = "_unit"  # the last line of a unit file: {"_unit": {"rows": n, "fingerprint": digest}}
+
+
+class StaleWorkError(PipelineError):
+    """Work in the output folder was made from other inputs or settings (or its fingerprint is missing)."""
+
+
+@dataclass
+class ReuseOptions:
+    """What to do with earlier work in the output folder (every command)."""
+
+    discard_stale: bool = opt(
+        False,
+        "discard work in --out made from other inputs or settings, or by an older version, and recompute it "
+        "(without it such work is refused, naming what differs)",
+        fingerprinted=False,
+    )
 
 
 def _temp_sibling(path: Path) -> Path:
@@ -40,7 +68,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.is_dir() and path.exists():
-            _remove(path)  # a folder cannot be renamed over another one
+            remove_tree(path)  # a folder cannot be renamed over another one
         os.replace(tmp, path)
     finally:
         _remove(tmp)
@@ -51,6 +79,41 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Remove a file or folder crash-safely: rename it to a hidden ``.<name>.<pid>.trash`` sibling (atomic), then
+    delete that. A kill leaves the whole ``path`` or none of it (and a trash folder that nothing reads)."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    trash = path.with_name(f".{path.name}.{os.getpid()}.trash")
+    _remove(trash)
+    try:
+        os.replace(path, trash)
+    except FileNotFoundError:  # another process (a training rank) removed it first
+        return
+    _remove(trash)
+
+
+def sweep_trash(folder: str | os.PathLike[str]) -> None:
+    """Delete the ``.trash`` leftovers of killed removals in ``folder``."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for trash in folder.glob(".*.trash"):
+            shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink(missing_ok=True)
+
+
+def check_out_dir(out: str | os.PathLike[str]) -> None:
+    """Refuse an output folder that is a file, lies below a file, or cannot be written (nothing is created)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"--out {out} is a file, not a folder")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise PipelineError(f"--out {out} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PipelineError(f"--out {out} is not writable ({existing})")
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -78,6 +141,8 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise PipelineError(f"missing file: {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from e
     except json.JSONDecodeError as e:
         raise PipelineError(f"{path} is not valid JSON: {e}") from e
 
@@ -88,8 +153,12 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     if not path.is_file():
         raise PipelineError(f"missing file: {path}")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PipelineError(f"{path}:{number} is not UTF-8 text (byte {raw[e.start]:#04x})") from e
             if not line.strip():
                 continue
             try:
@@ -123,23 +192,89 @@ def mark_done(folder: str | os.PathLike[str], stage: str, summary: dict[str, Any
     write_json(marker_path(folder, stage), summary)
 
 
+def settle_stale(
+    what: str, stored: dict[str, Any] | None, fingerprint: Fingerprint, discard: Callable[[], None]
+) -> bool:
+    """Decide about earlier work ``what`` whose stored fingerprint record is ``stored``: True when it matches
+    ``fingerprint`` (reuse it); otherwise refuse (:class:`StaleWorkError`, one line naming what differs) or, when
+    ``fingerprint.discard_stale``, print that line, call ``discard()`` and return False (recompute)."""
+    changes = fingerprint.differences(stored)
+    if not changes:
+        return True
+    why = f"{what} was made from other inputs or settings ({'; '.join(changes)})"
+    if not fingerprint.discard_stale:
+        raise StaleWorkError(
+            f"{why}; rerun with the same ones, choose another --out, or pass --discard-stale to recompute"
+        )
+    print(f"discarding: {why}", flush=True)
+    discard()
+    return False
+
+
+def begin_stage(
+    folder: str | os.PathLike[str], stage: str, fingerprint: Fingerprint, *, quiet: bool = False
+) -> dict[str, Any] | None:
+    """Call first in a stage writing into ``folder``: refuse an output folder that cannot be written, sweep
+    leftover trash, and return the summary of a finished ``stage`` with the same fingerprint (the caller skips
+    the work; a line says so unless ``quiet``) or None (run it). A finished stage with another fingerprint is
+    settled by :func:`settle_stale`."""
+    check_out_dir(folder)
+    sweep_trash(folder)
+    summary = stage_summary(folder, stage)
+    if summary is None:
+        return None
+    path = marker_path(folder, stage)
+    if settle_stale(
+        f"the finished {stage} stage in {folder}", summary.get("fingerprint"), fingerprint, lambda: remove_tree(path)
+    ):
+        if not quiet:
+            print(f"[{stage}] finished earlier in {folder}; skipping", flush=True)
+        return summary
+    return None
+
+
 def finish_stage(
     folder: str | os.PathLike[str],
     stage: str,
     summary: dict[str, Any],
     *,
+    fingerprint: Fingerprint,
     started: float,
     options: Any,
     report: str,
     output: str | os.PathLike[str],
 ) -> dict[str, Any]:
     """Mark ``stage`` finished in ``folder`` with ``summary`` plus the ``seconds`` since ``started``
-    (``time.perf_counter()``) and its ``options``, and print its one-line report ``[stage] report, <seconds>s ->
-    output``. Call after all outputs are in place; returns what was stored."""
-    summary = {**summary, "seconds": round(time.perf_counter() - started, 2), "options": to_record(options)}
+    (``time.perf_counter()``), its ``options`` and its ``fingerprint`` record, and print its one-line report
+    ``[stage] report, <seconds>s -> output``. Call after all outputs are in place; returns what was stored."""
+    seconds = round(time.perf_counter() - started, 2)
+    summary = {**summary, "seconds": seconds, "options": to_record(options), "fingerprint": fingerprint.record}
     mark_done(folder, stage, summary)
     print(f"[{stage}] {report}, {summary['seconds']}s -> {output}")
     return summary
+
+
+def _unit_path(folder: Path, index: int) -> Path:
+    return folder / f"unit-{index:05d}.jsonl"
+
+
+def _read_unit(path: Path, digest: str, fingerprint: Fingerprint) -> list[dict[str, Any]] | None:
+    """The rows of a finished unit file, or None when it holds another unit (other fingerprint or layout) and
+    must be recomputed. A truncated or corrupt file is refused (:class:`StaleWorkError`), or recomputed when
+    ``fingerprint.discard_stale``."""
+    try:
+        rows = read_jsonl(path)
+    except PipelineError as e:
+        problem = str(e)
+    else:
+        trailer = rows.pop()[UNIT_TRAILER] if rows and UNIT_TRAILER in rows[-1] else None
+        if isinstance(trailer, dict) and trailer.get("rows") == len(rows):
+            return rows if trailer.get("fingerprint") == digest else None
+        problem = f"{path} has no complete end line"
+    if not fingerprint.discard_stale:
+        raise StaleWorkError(f"{problem}: the unit file is truncated or corrupt; delete it or pass --discard-stale")
+    print(f"discarding: {problem} (truncated or corrupt unit file)", flush=True)
+    return None
 
 
 def run_units(
@@ -147,26 +282,41 @@ def run_units(
     units: Sequence[T],
     work: Callable[[int, T], list[dict[str, Any]]],
     *,
+    fingerprint: Fingerprint,
     desc: str,
     total: int | None = None,
     weight: Callable[[T], int] = lambda _unit: 1,
 ) -> list[list[dict[str, Any]]]:
     """Run ``work(i, unit)`` for each unit, persisting each result as ``folder/unit-<i>.jsonl``.
 
-    Units whose file exists are loaded instead of recomputed, so a killed stage resumes where it stopped.
-    ``weight(unit)`` advances the progress bar (e.g. the number of prompts in it). Returns the results in order.
+    Units whose file holds the same unit (its end line carries the sha256 of the stage's fingerprint and of the
+    unit itself, so a changed shard size never reuses a unit) are loaded instead of recomputed, so a killed
+    stage resumes where it stopped. ``folder/fingerprint.json`` records the stage's fingerprint: units of
+    another one are settled by :func:`settle_stale` before any is read. ``weight(unit)`` advances the progress
+    bar (e.g. the number of prompts in it). Returns the results in order.
     """
     folder = Path(folder)
+    record = folder / "fingerprint.json"
+    stored = read_json(record) if record.is_file() else None
+    if (stored is not None or any(folder.glob("unit-*.jsonl"))) and not settle_stale(
+        f"{folder.name} in {folder.parent}", stored, fingerprint, lambda: remove_tree(folder)
+    ):
+        stored = None
     folder.mkdir(parents=True, exist_ok=True)
+    if stored is None:
+        write_json(record, fingerprint.record)
+    for path in folder.glob("unit-*.jsonl"):  # units past the end of a shorter layout
+        if not path.stem[5:].isdigit() or int(path.stem[5:]) >= len(units):
+            path.unlink()
     results: list[list[dict[str, Any]]] = []
     with tqdm(total=total, desc=desc, disable=None, dynamic_ncols=True) as bar:
         for index, unit in enumerate(units):
-            path = folder / f"unit-{index:05d}.jsonl"
-            if path.is_file():
-                rows = read_jsonl(path)
-            else:
+            path = _unit_path(folder, index)
+            digest = hashlib.sha256(f"{fingerprint.digest}\n{canonical(unit)}".encode()).hexdigest()
+            rows = _read_unit(path, digest, fingerprint) if path.is_file() else None
+            if rows is None:
                 rows = work(index, unit)
-                write_jsonl(path, rows)
+                write_jsonl(path, [*rows, {UNIT_TRAILER: {"rows": len(rows), "fingerprint": digest}}])
             results.append(rows)
             bar.update(weight(unit))
     return results

@@ -28,8 +28,9 @@ import torch
 import sppo_kernels as sk
 from sppo_kernels.pipeline import schema
 from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.options import opt
-from sppo_kernels.pipeline.store import finish_stage, read_rows, write_jsonl
+from sppo_kernels.pipeline.fingerprint import file_identity, stage_fingerprint
+from sppo_kernels.pipeline.options import at_least, opt
+from sppo_kernels.pipeline.store import begin_stage, finish_stage, read_rows, write_jsonl
 
 STAGE = "targets"
 
@@ -43,7 +44,7 @@ class TargetsOptions:
     )
     loss_type: str = opt("sppo", "pair-mode target definition", sk.PAIR_LOSS_TYPES)
     drop_all_ties: bool = opt(True, "drop prompts whose K scores all tie (no preference signal)")
-    tie_tolerance: float = opt(0.0, "scores closer than this count as tied")
+    tie_tolerance: float = opt(0.0, "scores closer than this count as tied", check=at_least(0))
 
 
 class PromptTargets(NamedTuple):
@@ -152,16 +153,20 @@ def run_targets(
     """Turn generations + judge logits into ``targets.jsonl``; returns its path."""
     out_dir = Path(out_dir)
     started = time.perf_counter()
+    inputs = {"generations": file_identity(generations_path), "rankings": file_identity(rankings_path)}
+    fp = stage_fingerprint(STAGE, inputs, options)
+    path = schema.TARGETS.path(out_dir)
+    if begin_stage(out_dir, STAGE, fp) is not None:
+        return path
     generations = read_rows(generations_path, schema.GENERATIONS.required)
     rows, counts = build_targets(generations, read_rows(rankings_path, schema.RANKINGS.required), options)
     if not rows:
         raise PipelineError(f"no training sequences left: {counts}")
-    path = schema.TARGETS.path(out_dir)
     write_jsonl(path, rows)
     counts.update(sequences=len(rows), mean_target=float(np.mean([r["target"] for r in rows])))
     report = (
         f"{counts['kept']}/{counts['prompts']} prompts kept ({counts['dropped_all_ties']} all-tie), "
         f"{len(rows)} sequences, mode {options.target_mode}"
     )
-    finish_stage(out_dir, STAGE, counts, started=started, options=options, report=report, output=path)
+    finish_stage(out_dir, STAGE, counts, fingerprint=fp, started=started, options=options, report=report, output=path)
     return path

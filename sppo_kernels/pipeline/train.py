@@ -14,15 +14,22 @@ Learning rate: linear warmup over ``ceil(warmup_ratio·steps)`` steps, then line
 ``get_linear_schedule_with_warmup`` and DeepSpeed's ``WarmupLR`` with ``warmup_min_lr=0`` spend step 0 at
 lr 0. Decay: ``lr·(S−s)/(S−W)``, so the last step still has a small positive lr.
 
-Outputs in ``out_dir``: ``checkpoints/`` (resumable DeepSpeed state, removed at the end unless kept),
-``metrics.jsonl`` (one row per step), ``loss.png``, and ``model/`` (π_{t+1}, Hugging Face format + tokenizer).
+Outputs in ``out_dir``: ``checkpoints/`` (resumable DeepSpeed state, removed after the stage's marker is
+written unless kept), ``metrics.jsonl`` (one row per step), ``loss.png``, and ``model/`` (π_{t+1}, Hugging Face
+format + tokenizer).
+
+Checkpoints: ``checkpoints/latest.json`` names the newest complete one, lists its files and sizes and carries its
+fingerprint (with the number of processes, which a ZeRO checkpoint is partitioned over). A training resumes
+from it only when every listed file is there with its size and the fingerprint matches; an incomplete or
+unreferenced checkpoint (a killed save or removal, in any order) is discarded and training starts from step 0;
+one made from other inputs is refused, or discarded with ``discard_stale``. Old checkpoints and the folder
+itself are removed by renaming first (:func:`~sppo_kernels.pipeline.store.remove_tree`).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,9 +43,20 @@ from tqdm.auto import tqdm
 from sppo_kernels.integrations import hf
 from sppo_kernels.pipeline import chat, schema
 from sppo_kernels.pipeline.errors import PipelineError
+from sppo_kernels.pipeline.fingerprint import Fingerprint, file_identity, model_identity, stage_fingerprint
 from sppo_kernels.pipeline.modeling import ModelOptions, default_device, load_causal_lm, pad_batch
-from sppo_kernels.pipeline.options import opt
-from sppo_kernels.pipeline.store import atomic_path, finish_stage, read_json, read_jsonl, write_json, write_jsonl
+from sppo_kernels.pipeline.options import at_least, between, opt, positive
+from sppo_kernels.pipeline.store import (
+    atomic_path,
+    begin_stage,
+    finish_stage,
+    read_json,
+    read_jsonl,
+    remove_tree,
+    settle_stale,
+    write_json,
+    write_jsonl,
+)
 
 STAGE = "train"
 
@@ -47,24 +65,49 @@ STAGE = "train"
 class TrainOptions:
     """Optimisation settings (defaults: the SPPO reference runs)."""
 
-    learning_rate: float = opt(5e-7, "peak learning rate (RMSprop)")
-    num_epochs: int = opt(1, "epochs over the iteration's data")
-    warmup_ratio: float = opt(0.1, "fraction of the steps spent warming up linearly")
-    global_batch_size: int = opt(128, "sequences per optimizer step over all processes (reference: 64 pairs)")
-    micro_batch_size: int = opt(2, "sequences per process per forward/backward")
-    eta: float = opt(1000.0, "eta = 1/beta of the SPPO loss")
-    zero_stage: int = opt(3, "DeepSpeed ZeRO stage (0-3)")
+    learning_rate: float = opt(5e-7, "peak learning rate (RMSprop)", check=positive())
+    num_epochs: int = opt(1, "epochs over the iteration's data", check=at_least(1))
+    warmup_ratio: float = opt(0.1, "fraction of the steps spent warming up linearly", check=between(0, 1))
+    global_batch_size: int = opt(
+        128, "sequences per optimizer step over all processes (reference: 64 pairs)", check=at_least(1)
+    )
+    micro_batch_size: int = opt(2, "sequences per process per forward/backward", check=at_least(1))
+    eta: float = opt(1000.0, "eta = 1/beta of the SPPO loss", check=positive())
+    zero_stage: int = opt(3, "DeepSpeed ZeRO stage (0-3)", check=((lambda v: v in (0, 1, 2, 3)), "0, 1, 2 or 3"))
     deepspeed_config: str | None = opt(
-        None, "DeepSpeed JSON config; its values win over these flags, missing or 'auto' ones are filled from them"
+        None,
+        "DeepSpeed JSON config; its values win over these flags, missing or 'auto' ones are filled from them",
+        identity="file",
     )
     precision: str = opt("auto", "auto: bf16 on GPU, fp32 on CPU", ("auto", "bf16", "fp32"))
-    gradient_checkpointing: bool = opt(True, "recompute activations in the backward")
+    # the same arithmetic either way (activations are recomputed exactly)
+    gradient_checkpointing: bool = opt(True, "recompute activations in the backward", fingerprinted=False)
     max_grad_norm: float = opt(
-        1.0, "gradient clipping threshold, 0 to disable (HF Trainer's default, as used by the reference)"
+        1.0,
+        "gradient clipping threshold, 0 to disable (HF Trainer's default, as used by the reference)",
+        check=at_least(0),
     )
-    seed: int = opt(42, "seed of the data order")
-    save_steps: int = opt(100, "save a resumable checkpoint every N optimizer steps (the end saves the model)")
-    keep_checkpoints: bool = opt(False, "keep the DeepSpeed checkpoints once the final model is saved")
+    seed: int = opt(42, "seed of the data order", check=at_least(0))
+    save_steps: int = opt(
+        100,
+        "save a resumable checkpoint every N optimizer steps (the end saves the model)",
+        check=at_least(1),
+        fingerprinted=False,
+    )
+    keep_checkpoints: bool = opt(
+        False, "keep the DeepSpeed checkpoints once the final model is saved", fingerprinted=False
+    )
+
+    def check(self) -> None:
+        """Rules across options (see :func:`~sppo_kernels.pipeline.options.validated`)."""
+        if self.deepspeed_config is not None:  # a missing file is reported by the stage's fingerprint
+            if Path(self.deepspeed_config).is_file() and not isinstance(read_json(self.deepspeed_config), dict):
+                raise PipelineError(f"--deepspeed-config {self.deepspeed_config}: expected a JSON object")
+        elif self.global_batch_size % self.micro_batch_size:
+            raise PipelineError(
+                f"--global-batch-size {self.global_batch_size} is not a multiple of --micro-batch-size "
+                f"{self.micro_batch_size}"
+            )
 
 
 # --------------------------------------------------------------------------- distributed setup and config
@@ -218,23 +261,56 @@ def plot_loss(metrics: Sequence[dict[str, Any]], path: str | Path) -> None:
         fig.savefig(tmp, format="png", dpi=100)
 
 
-def _checkpoint_state(folder: Path) -> dict[str, Any] | None:
+def _missing_files(folder: Path, state: dict[str, Any]) -> list[str]:
+    """What ``latest.json`` names but ``folder`` lacks: its tag folder, or listed files (or sizes) in it."""
+    tag_dir = folder / str(state.get("tag"))
+    if not tag_dir.is_dir():
+        return [f"{tag_dir.name}/"]
+    listed = state.get("files", {}).items()  # no listing: written by an older version (settled as stale)
+    return [name for name, size in listed if not (tag_dir / name).is_file() or (tag_dir / name).stat().st_size != size]
+
+
+def checkpoint_to_resume(folder: Path, fingerprint: Fingerprint, *, discard: bool) -> dict[str, Any] | None:
+    """The ``latest.json`` state of the checkpoint in ``folder`` to resume from, or None: train from step 0.
+
+    Incomplete or unreferenced checkpoints (any partial save or removal) are discarded; a complete one made
+    with another fingerprint (or without one) is refused, or discarded with ``fingerprint.discard_stale``.
+    ``discard``: whether this process removes what is discarded (rank 0; the others only decide the same).
+    """
     latest = folder / schema.LATEST_CHECKPOINT
-    return read_json(latest) if latest.is_file() else None
+    try:
+        state = read_json(latest) if latest.is_file() else None
+    except PipelineError:
+        state = None  # written atomically: only a hand-made file can be unreadable
+    remove = (lambda: remove_tree(folder)) if discard else (lambda: None)
+    missing = ["latest.json"] if state is None else _missing_files(folder, state)
+    if missing:
+        if folder.exists():
+            print(f"[train] discarding incomplete checkpoints in {folder} ({', '.join(missing[:3])} missing)")
+            remove()
+        return None
+    if not settle_stale(f"the training checkpoint in {folder}", state.get("fingerprint"), fingerprint, remove):
+        return None
+    return state
 
 
-def save_checkpoint(engine: Any, folder: Path, step: int) -> None:
-    """Save DeepSpeed state for ``step`` (all ranks), then point ``LATEST_CHECKPOINT`` at it and drop older ones."""
+def save_checkpoint(engine: Any, folder: Path, step: int, fingerprint: Fingerprint) -> None:
+    """Save DeepSpeed state for ``step`` (all ranks), then point ``LATEST_CHECKPOINT`` at it with the listing
+    of its files and its ``fingerprint``, and drop older ones (renamed away first)."""
     import torch.distributed as dist
 
     tag = f"step-{step:07d}"
     engine.save_checkpoint(str(folder), tag=tag, client_state={"step": step}, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:
-        write_json(folder / schema.LATEST_CHECKPOINT, {"tag": tag, "step": step})
+        files = {
+            p.relative_to(folder / tag).as_posix(): p.stat().st_size for p in (folder / tag).rglob("*") if p.is_file()
+        }
+        state = {"tag": tag, "step": step, "files": files, "fingerprint": fingerprint.record}
+        write_json(folder / schema.LATEST_CHECKPOINT, state)
         for old in folder.glob("step-*"):
             if old.name != tag:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_tree(old)
     dist.barrier()
 
 
@@ -302,7 +378,8 @@ def run_train(
     model_options: ModelOptions | None = None,
 ) -> Path:
     """Train π_t (``model_path``) on ``train_data.parquet``; returns the folder of π_{t+1}. Resumes from
-    ``out_dir/checkpoints`` when a previous attempt was interrupted."""
+    ``out_dir/checkpoints`` when a previous attempt with the same fingerprint was interrupted.
+    """
     import deepspeed
     import torch.distributed as dist
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
@@ -310,11 +387,20 @@ def run_train(
     model_options = model_options or ModelOptions()
     out_dir = Path(out_dir)
     started = time.perf_counter()
+    inputs = {"model": model_identity(model_path), "data": file_identity(data_path, "training data")}
+    fp = stage_fingerprint(STAGE, inputs, options, model_options)
+    model_dir = out_dir / schema.MODEL_DIR
+    if begin_stage(out_dir, STAGE, fp) is not None:
+        return model_dir
     rows = load_rows(data_path)
     if len({row["loss_scale"] for row in rows}) != 1:
         raise PipelineError(f"{data_path}: rows disagree on loss_scale")
     ensure_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
+    checkpoints = out_dir / schema.CHECKPOINTS
+    checkpoint_fingerprint = fp.with_layout(processes=world)
+    resume = checkpoint_to_resume(checkpoints, checkpoint_fingerprint, discard=rank == 0)
+    dist.barrier()
     device = default_device()
     bf16 = options.precision == "bf16" or (options.precision == "auto" and device.type == "cuda")
     config = deepspeed_config(options, world, bf16)
@@ -341,8 +427,6 @@ def run_train(
         del zero3_config
         unset_hf_deepspeed_config()
     pad_id = tokenizer.pad_token_id
-    checkpoints = out_dir / schema.CHECKPOINTS
-    resume = _checkpoint_state(checkpoints)
     start_step = 0
     metrics: list[dict[str, Any]] = []
     if resume is not None:
@@ -386,13 +470,10 @@ def run_train(
             bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{lr:.2e}")
             bar.update(1)
             if (step + 1) % options.save_steps == 0 and step + 1 < total_steps:
-                save_checkpoint(engine, checkpoints, step + 1)
-    model_dir = out_dir / schema.MODEL_DIR
+                save_checkpoint(engine, checkpoints, step + 1, checkpoint_fingerprint)
     save_model(engine, tokenizer, model_dir)
     if rank == 0:
         plot_loss(metrics, out_dir / schema.LOSS_PLOT)
-        if not options.keep_checkpoints:
-            shutil.rmtree(checkpoints, ignore_errors=True)
         counts = {
             "steps": total_steps,
             "sequences_per_step": total,
@@ -405,7 +486,18 @@ def run_train(
             f"{total_steps} steps x {total} sequences on {world} process(es), loss "
             f"{counts['first_loss']:.4g} -> {counts['last_loss']:.4g}"
         )
-        finish_stage(out_dir, STAGE, counts, started=started, options=options, report=report, output=model_dir)
+        finish_stage(
+            out_dir,
+            STAGE,
+            counts,
+            fingerprint=fp,
+            started=started,
+            options=options,
+            report=report,
+            output=model_dir,
+        )
+        if not options.keep_checkpoints:  # after the marker: a kill during the removal leaves a finished stage
+            remove_tree(checkpoints)
     dist.barrier()
     engine.destroy()
     return model_dir

@@ -45,11 +45,20 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(autouse=True, scope="module")
 def leave_no_process_group() -> Iterator[None]:
-    """In-process training creates a one-process group; do not leave it to the test modules that follow."""
+    """In-process training creates a one-process group and sets launcher variables (LOCAL_RANK, ...); leave
+    neither to the test modules that follow (transformers' Trainer would take them for a distributed launch)."""
     initialized = torch.distributed.is_initialized()
+    environment = dict(os.environ)
     yield
+    os.environ.clear()
+    os.environ.update(environment)
     if torch.distributed.is_initialized() and not initialized:
-        torch.distributed.destroy_process_group()
+        import deepspeed.comm
+
+        if deepspeed.comm.is_initialized():  # also drops DeepSpeed's cached groups (its world-group clone)
+            deepspeed.comm.destroy_process_group()
+        else:
+            torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import pytest
 
 from sppo_kernels.pipeline import chat, store
 from sppo_kernels.pipeline.errors import PipelineError
+from sppo_kernels.pipeline.fingerprint import stage_fingerprint
 from sppo_kernels.pipeline.generate import GenerateOptions
 from sppo_kernels.pipeline.modeling import ModelOptions
 from sppo_kernels.pipeline.options import add_options, from_args, to_argv, to_record, validated
@@ -47,11 +48,14 @@ def test_run_units_resumes_and_ignores_temp_files(tmp_path: Path) -> None:
         return [{"unit": unit}]
 
     folder = tmp_path / "units"
-    assert store.run_units(folder, ["a", "b", "c"], work, desc="t") == [[{"unit": u}] for u in "abc"]
+    fingerprint = stage_fingerprint("t", {})
+    assert store.run_units(folder, ["a", "b", "c"], work, fingerprint=fingerprint, desc="t") == [
+        [{"unit": u}] for u in "abc"
+    ]
     (folder / "unit-00001.jsonl").unlink()
     (folder / ".unit-00001.jsonl.123.tmp").write_text('{"unit": "stale partial')  # left by a killed process
     calls.clear()
-    assert store.run_units(folder, ["a", "b", "c"], work, desc="t")[1] == [{"unit": "b"}]
+    assert store.run_units(folder, ["a", "b", "c"], work, fingerprint=fingerprint, desc="t")[1] == [{"unit": "b"}]
     assert calls == [1]
 
 

@@ -17,11 +17,11 @@ from sppo_kernels.pipeline import cli, evaluate, store
 from sppo_kernels.pipeline.demo import build_policy
 from sppo_kernels.pipeline.errors import PipelineError
 from sppo_kernels.pipeline.evaluate import EvalOptions, Policy, bootstrap_ci, fit_length_glm, lc_win_rate
+from sppo_kernels.pipeline.fingerprint import stage_fingerprint
 from sppo_kernels.pipeline.generate import GenerateOptions
 from sppo_kernels.pipeline.gold import GoldJudge, gold_score
 from sppo_kernels.pipeline.prompts import bundled_prompts_path
 from sppo_kernels.pipeline.run import run_pipeline
-from sppo_kernels.pipeline.stages import STAGE_NAMES
 
 SMALL_GENERATION = GenerateOptions(max_new_tokens=6, generation_batch_size=4)
 
@@ -97,11 +97,15 @@ def test_both_orders_cancel_position_bias(tmp_path: Path) -> None:
     policy = [{"id": i, "instruction": "q", "output": text} for i, text in enumerate(["aaaa", "a", "same", "bb"])]
     baseline = [{"id": i, "instruction": "q", "output": text} for i, text in enumerate(["aa", "aa", "same", "bb"])]
     judge = BiasedJudge()
-    rows = evaluate.judge_outputs(judge, "biased", policy, baseline, tmp_path, shard_size=2, where="test")
+    fingerprint = stage_fingerprint("eval-judge", {"judge": {"scorer": "BiasedJudge"}})
+    rows = evaluate.judge_outputs(
+        judge, "biased", policy, baseline, tmp_path, shard_size=2, where="test", fingerprint=fingerprint
+    )
     assert [r["outcome"] for r in rows] == [1.0, 0.0, 0.5, 0.5]  # identical responses: a tie, not asked
     assert judge.calls == [2]  # one shard had only identical pairs
     assert rows[0]["logits"] == pytest.approx([5.2, 4.8]) and rows[0]["preference"] == pytest.approx(0.4)
-    assert store.stage_summary(tmp_path, "judge-biased") == {"pairs": 4, "wins": 1, "ties": 2, "losses": 1}
+    summary = store.stage_summary(tmp_path, "judge-biased")
+    assert summary == {"pairs": 4, "wins": 1, "ties": 2, "losses": 1, "fingerprint": fingerprint.record}
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -171,7 +175,7 @@ def test_evaluate_writes_every_artefact_and_resumes(
     assert (tmp_path / "eval" / "iter0" / "outputs.jsonl").stat().st_mtime_ns == before
 
     # other settings are refused rather than mixed with the stored outputs
-    with pytest.raises(PipelineError, match="different settings"):
+    with pytest.raises(PipelineError, match="made from other inputs or settings"):
         _evaluate(policies, eval_prompts, tmp_path, eval_seed=1)
 
 
@@ -234,19 +238,16 @@ def test_evaluate_rejects_bad_input(
 def test_run_with_eval_prompts_and_eval_command(
     tmp_path: Path,
     policy: Path,
-    second_policy: Path,
+    finished_run: Path,
     eval_prompts: Path,
     make_options: Callable,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    # A finished one-iteration run, faked (stage markers + a model) so that this module trains nothing in-process:
-    # DeepSpeed keeps process-group state that conftest's per-module group teardown would leave stale.
     run_dir = tmp_path / "run"
-    for stage in STAGE_NAMES:
-        store.mark_done(run_dir / "iter1", stage, {})
-    shutil.copytree(second_policy, run_dir / "iter1" / "model")
+    shutil.copytree(finished_run, run_dir)  # a finished one-iteration run (fingerprints compare contents, not paths)
     options = dataclasses.replace(
-        make_options(), evaluate=EvalOptions(eval_prompts=str(eval_prompts), eval_shard_size=4, eval_bootstrap=100)
+        make_options(save_steps=1, keep_checkpoints=True),
+        evaluate=EvalOptions(eval_prompts=str(eval_prompts), eval_shard_size=4, eval_bootstrap=100),
     )
     run_pipeline(str(policy), str(bundled_prompts_path()), run_dir, options)  # every training stage is skipped
     text = capsys.readouterr().out

@@ -37,9 +37,10 @@ def test_hf_generation_is_resumable_and_seeded_per_pass(tmp_path: Path, policy: 
     assert sum(len(set(r["responses"])) == 3 for r in rows) >= 4  # passes use different seeds
     assert store.stage_summary(tmp_path / "a", "generate")["responses"] == 18
 
-    units = sorted((tmp_path / "a" / "generate_units").iterdir())
+    units = sorted((tmp_path / "a" / "generate_units").glob("unit-*.jsonl"))
     assert len(units) == 6  # 3 passes x 2 shards
     units[3].unlink()  # as if killed before this unit was saved
+    schema.marker_path(tmp_path / "a", "generate").unlink()
     assert run_generate(str(policy), prompts[:6], tmp_path / "a", SMALL).read_text() == path.read_text()
 
 
@@ -166,7 +167,7 @@ def test_rank_stage_with_plugged_judge(tmp_path: Path) -> None:
     rows = store.read_jsonl(path)
     assert [r["id"] for r in rows] == list(range(5))
     assert np.argmax(scores_from_logits(np.array(rows[0]["logits"]))) == 2
-    assert len(list((tmp_path / "rank_units").iterdir())) == 3
+    assert len(list((tmp_path / "rank_units").glob("unit-*.jsonl"))) == 3
 
 
 def test_rank_stage_errors(tmp_path: Path) -> None:
