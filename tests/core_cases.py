@@ -113,3 +113,20 @@ def rel_err(actual: Tensor, expected: Tensor) -> float:
     expected = expected.detach().double().cpu()
     diff = (actual.detach().double().cpu() - expected).abs().max()
     return float(diff / expected.abs().max().clamp_min(1e-30))
+
+
+def plain_low_precision_logps(case: Case, dtype: torch.dtype) -> tuple[Tensor, dict[str, Tensor | None]]:
+    """What a training script gets from plain torch in ``dtype`` (logits in ``dtype``, log-softmax in float32):
+    the per-sequence log-probs [B] float32 and the leaf parameters they were computed from (CPU)."""
+    params = case.params(dtype, torch.device("cpu"))
+    opts = case.options(torch.device("cpu"))
+    y = opts["labels"]
+    logits = torch.nn.functional.linear(params["hidden"], params["weight"], params["bias"]).float()
+    if case.softcap is not None:
+        logits = case.softcap * torch.tanh(logits / case.softcap)
+    logits = logits / case.temperature
+    if case.shift:
+        logits, y = logits[:, :-1], y[:, 1:]
+    keep = y != -100
+    picked = torch.log_softmax(logits, -1).gather(-1, torch.where(keep, y, 0)[..., None]).squeeze(-1)
+    return torch.where(keep, picked, 0).sum(-1), params

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from core_cases import DEVICE, Case, make_case, rel_err, runnable_backends
+from core_cases import DEVICE, Case, make_case, plain_low_precision_logps, rel_err, runnable_backends
 
 import sppo_kernels as sk
 from sppo_kernels.losses import sppo_epilogue
@@ -87,19 +87,7 @@ def test_sequence_logprobs_nonuniform_upstream(backend):
 def plain_low_precision_errors(case: Case, dtype: torch.dtype) -> dict[str, float]:
     """Errors of the naive path computed in ``dtype`` (logits in ``dtype``, log_softmax in float32)."""
     ref_out, ref_logps, ref_params = reference_grads(case)
-    params = case.params(dtype, torch.device("cpu"))
-    opts = case.options(torch.device("cpu"))
-    h, w, b = params["hidden"], params["weight"], params["bias"]
-    y = opts["labels"]
-    logits = torch.nn.functional.linear(h, w, b).float()
-    if case.softcap is not None:
-        logits = case.softcap * torch.tanh(logits / case.softcap)
-    logits = logits / case.temperature
-    if case.shift:
-        logits, y = logits[:, :-1], y[:, 1:]
-    keep = y != -100
-    logp = torch.log_softmax(logits, -1).gather(-1, torch.where(keep, y, 0)[..., None]).squeeze(-1)
-    logps = torch.where(keep, logp, 0).sum(-1)
+    logps, params = plain_low_precision_logps(case, dtype)
     loss = sppo_epilogue(logps, case.ref_logps.float(), case.target_probs.float(), ETA, "mean")
     loss.backward()
     errors = {"out": rel_err(loss, ref_out), "logps": rel_err(logps, ref_logps)}

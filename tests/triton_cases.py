@@ -4,7 +4,7 @@ against the float64 reference and against plain low-precision torch."""
 from __future__ import annotations
 
 import torch
-from core_cases import DEVICE, Case, rel_err
+from core_cases import DEVICE, Case, plain_low_precision_logps, rel_err
 from torch import Tensor
 
 from sppo_kernels.autograd.fused_triton import TritonConfig, TritonSequenceLogprobs, TritonSPPOLoss
@@ -79,18 +79,7 @@ def errors(got: dict[str, Tensor], want: dict[str, Tensor]) -> dict[str, float]:
 
 def plain_torch(case: Case, dtype: torch.dtype, loss: str = "mean") -> dict[str, Tensor]:
     """What a training script gets from plain torch in ``dtype``: logits in ``dtype``, log-softmax in float32."""
-    params = case.params(dtype, torch.device("cpu"))
-    opts = case.options(torch.device("cpu"))
-    h, w, b, y = params["hidden"], params["weight"], params["bias"], opts["labels"]
-    logits = torch.nn.functional.linear(h, w, b).float()
-    if case.softcap is not None:
-        logits = case.softcap * torch.tanh(logits / case.softcap)
-    logits = logits / case.temperature
-    if case.shift:
-        logits, y = logits[:, :-1], y[:, 1:]
-    keep = y != -100
-    picked = torch.log_softmax(logits, -1).gather(-1, torch.where(keep, y, 0)[..., None]).squeeze(-1)
-    logps = torch.where(keep, picked, 0).sum(-1)
+    logps, params = plain_low_precision_logps(case, dtype)
     out = SPPOObjective(case.ref_logps.float(), case.target_probs.float(), ETA, loss)(logps)
     out.backward(upstream(out, loss))
     result = {"out": out.detach(), "logps": logps.detach()}

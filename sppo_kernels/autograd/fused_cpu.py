@@ -22,6 +22,7 @@ from torch import Tensor
 
 from sppo_kernels._cpu_extension import extension
 from sppo_kernels.autograd.first_order import first_order_backward
+from sppo_kernels.autograd.fused_loss import fused_loss_backward
 from sppo_kernels.losses import SPPOObjective
 
 
@@ -160,25 +161,8 @@ class CpuSPPOLoss(torch.autograd.Function):
     @staticmethod
     @first_order_backward
     def backward(ctx, grad_loss, grad_logps):
-        nones = (None,) * 8
-        formed, ctx.formed = ctx.formed, None  # handed out once; a second backward recomputes
-        if grad_loss is None and grad_logps is None:
-            return (None, None, None, *nones)
-        scale = _uniform_scale(grad_loss, ctx.objective.reduction) if grad_logps is None else None
-        if formed is not None and scale is not None:
-            return (*(g if g is None or scale == 1.0 else g.mul_(scale) for g in formed), *nones)
-        hidden, weight, bias, lse, logps = ctx.saved_tensors
-        grad_seq = torch.zeros_like(logps)
-        if grad_loss is not None:
-            grad_seq += ctx.objective.logps_grad(logps, grad_loss)
-        if grad_logps is not None:
-            grad_seq += grad_logps.to(logps)
-        return (*ctx.rows.backward(hidden, weight, bias, lse, grad_seq, ctx.needs_input_grad[:3]), *nones)
+        def recompute(grad_seq):
+            hidden, weight, bias, lse, logps = ctx.saved_tensors  # unpacked only here (ZeRO-3 regathers W)
+            return ctx.rows.backward(hidden, weight, bias, lse, grad_seq(logps), ctx.needs_input_grad[:3])
 
-
-def _uniform_scale(grad_loss: Tensor, reduction: str) -> float | None:
-    """c when the loss's upstream gradient is c for every sequence (always so for a scalar loss), else None."""
-    if reduction != "none":
-        return float(grad_loss)
-    first = grad_loss.reshape(-1)[:1]
-    return float(first) if bool((grad_loss == first).all()) else None
+        return fused_loss_backward(ctx, grad_loss, grad_logps, recompute)

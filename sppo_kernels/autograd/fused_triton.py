@@ -25,6 +25,7 @@ import triton
 from torch import Tensor
 
 from sppo_kernels.autograd.first_order import first_order_backward
+from sppo_kernels.autograd.fused_loss import fused_loss_backward
 from sppo_kernels.kernels.exp_workspace import exp_tile_kernel, grad_from_exp_kernel
 from sppo_kernels.kernels.logit_backward import logit_backward_kernel
 from sppo_kernels.kernels.logit_grad import logit_grad_kernel
@@ -606,29 +607,9 @@ class TritonSPPOLoss(torch.autograd.Function):
     @staticmethod
     @first_order_backward
     def backward(ctx, grad_loss, grad_logps):
-        nones = (None,) * 8
-        formed, ctx.formed = ctx.formed, None  # handed out once; a second backward recomputes
-        if grad_loss is None and grad_logps is None:
-            return (None, None, None, *nones)
-        hidden, weight, bias, lse, logps = ctx.saved_tensors
-        if formed is not None and grad_logps is None:
-            scale = _uniform_scale(grad_loss)
-            if scale is not None:
-                return (*(g if g is None else g.mul_(scale.to(g.dtype)) for g in formed), *nones)
-        grad_seq = torch.zeros_like(logps)
-        if grad_loss is not None:
-            grad_seq += ctx.objective.logps_grad(logps, grad_loss)
-        if grad_logps is not None:
-            grad_seq += grad_logps
-        grads = _backward(hidden, weight, bias, ctx.rows, lse, grad_seq, ctx.needs_input_grad[:3], ctx.options,
-                          ctx.config)  # fmt: skip
-        return (*grads, *nones)
+        def recompute(grad_seq):
+            hidden, weight, bias, lse, logps = ctx.saved_tensors  # unpacked only here (ZeRO-3 regathers W)
+            return _backward(hidden, weight, bias, ctx.rows, lse, grad_seq(logps), ctx.needs_input_grad[:3],
+                             ctx.options, ctx.config)  # fmt: skip
 
-
-def _uniform_scale(grad_loss: Tensor) -> Tensor | None:
-    """The loss's upstream gradient as one scalar tensor when it is the same for every element, else None.
-    A scalar loss costs no host synchronisation."""
-    if grad_loss.numel() == 1:
-        return grad_loss.reshape(())
-    first = grad_loss.reshape(-1)[0]
-    return first if bool((grad_loss == first).all()) else None
+        return fused_loss_backward(ctx, grad_loss, grad_logps, recompute)
