@@ -19,6 +19,7 @@ from sppo_kernels.integrations import hf
 from sppo_kernels.tiny_models import tiny_causal_lm, tiny_pair_batch
 
 ETA = 10.0
+BF16_STEP = 2.0**-7  # relative spacing of bfloat16 numbers
 
 
 def _op_outside_autocast(model: torch.nn.Module, batch: dict[str, torch.Tensor], ref: torch.Tensor, backend: str):
@@ -49,7 +50,11 @@ def test_model_sppo_loss_under_autocast(arch: str, backend: str) -> None:
         assert loss.dtype == logps.dtype == torch.float32
         torch.testing.assert_close(loss, want, rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(logps, want_logps, rtol=1e-6, atol=1e-5)
-        assert_close_grads(grads(model), grads(twin), rtol=1e-5)
+        # Gradients that pass through the decoder's bf16 layers may differ by a bf16 rounding step between two
+        # runs of the same autocast forward (oneDNN's bf16 kernels); the op's own head gradient is exact.
+        assert_close_grads(grads(model), grads(twin), rtol=BF16_STEP)
+        if not model.config.tie_word_embeddings:
+            torch.testing.assert_close(model.lm_head.weight.grad, twin.lm_head.weight.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
