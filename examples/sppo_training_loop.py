@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from sppo_kernels.integrations import hf
-from sppo_kernels.tiny_models import model_and_tokenizer, pair_batch_from_rows, tiny_preference_rows
+from sppo_kernels.pipeline.demo.tiny_models import model_and_tokenizer, pair_batch_from_rows, tiny_preference_rows
 
 
 def main(argv: list[str] | None = None) -> list[float]:

@@ -14,7 +14,7 @@ from datasets import Dataset
 from trl import DPOConfig
 
 from sppo_kernels.integrations.trl import SPPODPOTrainer
-from sppo_kernels.tiny_models import model_and_tokenizer, tiny_preference_rows
+from sppo_kernels.pipeline.demo.tiny_models import model_and_tokenizer, tiny_preference_rows
 
 
 def main(argv: list[str] | None = None) -> float:

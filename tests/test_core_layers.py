@@ -15,7 +15,6 @@ BOTTOM = {
     "losses",
     "reference",
     "_cpu_extension",
-    "deprecation",
     "autograd.first_order",
     "autograd.fused_loss",
 }
@@ -35,7 +34,7 @@ def _core_modules() -> dict[str, Path]:
     modules = {}
     for path in files:
         name = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
-        if name.endswith(".__init__") or name == "tiny_models":  # package docstrings; a test/demo utility
+        if name.endswith(".__init__"):  # package docstrings
             continue
         modules[name] = path
     return modules

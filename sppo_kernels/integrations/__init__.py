@@ -10,7 +10,6 @@ only those above it in this list):
 - :mod:`~sppo_kernels.integrations.trainer`: ``SPPOTrainer`` for ``transformers.Trainer``.
 - :mod:`~sppo_kernels.integrations.trl`: ``SPPODPOTrainer``, TRL's DPOTrainer with the SPPO losses.
 
-Tiny offline models for tests and examples are in :mod:`sppo_kernels.tiny_models` (old path:
-``sppo_kernels.integrations.testing``). Submodules import their optional dependencies (transformers,
-deepspeed, trl, peft) only when imported or used.
+Tiny offline models for tests and examples are in :mod:`sppo_kernels.pipeline.demo.tiny_models`. Submodules
+import their optional dependencies (transformers, deepspeed, trl, peft) only when imported or used.
 """

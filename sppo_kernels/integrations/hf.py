@@ -8,9 +8,6 @@ Works on any ``*ForCausalLM`` of transformers (Llama, Mistral, Gemma-2, Qwen2, .
 wrapped by PEFT, DDP / FSDP(1), a DeepSpeed engine or ``torch.compile``. The building blocks
 (:func:`final_hidden_states`, :func:`lm_head_params`, :func:`logit_scale`, :func:`logit_softcap`,
 :func:`unwrap_model`, :func:`find_peft_model`) are defined in :mod:`.model_parts` and re-exported here.
-
-Old names, kept as aliases: ``sequence_logprobs`` = :func:`model_sequence_logprobs`, ``reference_logprobs`` =
-:func:`model_reference_logprobs`, ``sppo_loss`` = :func:`model_sppo_loss`.
 """
 
 from __future__ import annotations
@@ -42,9 +39,6 @@ __all__ = [
     "model_reference_logprobs",
     "model_sequence_logprobs",
     "model_sppo_loss",
-    "reference_logprobs",
-    "sequence_logprobs",
-    "sppo_loss",
     "unwrap_model",
 ]
 
@@ -181,9 +175,3 @@ def model_sppo_loss(
         return_logps=return_logps,
         **options,
     )
-
-
-# Old names, kept as aliases (they read like the op-level functions of ``sppo_kernels``, which take tensors).
-sequence_logprobs = model_sequence_logprobs
-reference_logprobs = model_reference_logprobs
-sppo_loss = model_sppo_loss

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
-from sppo_kernels.deprecation import renamed_attributes
 from sppo_kernels.integrations import hf
 from sppo_kernels.integrations.batching import IGNORE_INDEX, right_pad
 
@@ -46,13 +45,12 @@ class SPPODataCollator:
         return batch
 
 
-@renamed_attributes(loss_backend="backend")
 class SPPOTrainer(Trainer):
     """``Trainer`` whose ``compute_loss`` is :func:`hf.model_sppo_loss` (mean over the batch's sequences).
 
     Extra arguments: ``ref_model`` (frozen π_t; not needed when the data has ``ref_logps`` or the model is a
     PEFT model), ``eta`` (1/β, default 1000), ``temperature`` (divides the logits), ``backend``
-    (``sppo_kernels`` backend; ``loss_backend`` is its deprecated old name). The default collator is
+    (``sppo_kernels`` backend). The default collator is
     :class:`SPPODataCollator`. Gradient accumulation averages the per-micro-batch means, as the reference SPPO
     trainer does.
     """

@@ -19,7 +19,6 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import use_adapter
 
 from sppo_kernels import PAIR_LOSS_TYPES, pair_targets
-from sppo_kernels.deprecation import renamed_attributes
 from sppo_kernels.integrations import hf
 
 __all__ = ["DEFAULT_PROB_COLUMNS", "SPPODPOTrainer"]
@@ -41,13 +40,12 @@ class _WithProbColumns:
         return batch
 
 
-@renamed_attributes(loss_backend="backend")
 class SPPODPOTrainer(DPOTrainer):
     """``trl.DPOTrainer`` with the SPPO losses on ``sppo_kernels`` (no logits are built).
 
     Extra arguments: ``prob_columns`` (overrides of :data:`DEFAULT_PROB_COLUMNS`), ``temperature`` (divides the
-    logits of policy and reference), ``backend`` (``sppo_kernels`` backend; ``loss_backend`` is its deprecated
-    old name). Gemma-2's soft-cap is read from the config. Other loss types train as in TRL, with the fused
+    logits of policy and reference), ``backend`` (``sppo_kernels`` backend).
+    Gemma-2's soft-cap is read from the config. Other loss types train as in TRL, with the fused
     reference log-probs.
     """
 

@@ -15,11 +15,11 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from sppo_kernels.pipeline import evaluate, run
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.evaluate import add_eval_command
-from sppo_kernels.pipeline.options import add_options, from_args
-from sppo_kernels.pipeline.stages import MODEL, PROMPTS, STAGES, Input, PipelineOptions, stage
+from sppo_kernels.pipeline import run
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.options import add_options, from_args
+from sppo_kernels.pipeline.evaluation.command import add_eval_command, eval_command
+from sppo_kernels.pipeline.table import MODEL, PROMPTS, STAGES, Input, PipelineOptions, stage
 
 GROUPS = {f.name: f.default_factory for f in dataclasses.fields(PipelineOptions)}  # option group -> its dataclass
 
@@ -58,12 +58,12 @@ def _options(args: argparse.Namespace, groups: Sequence[str]) -> PipelineOptions
 def dispatch(args: argparse.Namespace) -> None:
     """Run the parsed subcommand."""
     if args.command == "demo":
-        from sppo_kernels.pipeline import demo
+        from sppo_kernels.pipeline.demo.replica import run_demo
 
-        demo.run_demo(args.out, arch=args.arch, iterations=args.iterations)
+        run_demo(args.out, arch=args.arch, iterations=args.iterations)
         return
     if args.command == "eval":
-        evaluate.eval_command(args)
+        eval_command(args)
     elif args.command == "run":
         run.run_pipeline(args.model, args.prompts, args.out, _options(args, tuple(GROUPS)))
     else:

@@ -2,7 +2,7 @@
 
 Iteration t writes its split of the prompts to ``iter<t>/prompts.jsonl``, then runs every stage of
 :data:`~sppo_kernels.pipeline.stages.STAGES` in ``iter<t>/`` (the folder layout is in
-:mod:`~sppo_kernels.pipeline.schema`), in this process or, where the stage asks for it (vLLM generation, a
+:mod:`~sppo_kernels.pipeline.core.schema`), in this process or, where the stage asks for it (vLLM generation, a
 training launcher), as ``sppo-train <stage>`` in a child process. Iteration t samples from, and takes its
 reference log-probs from, π_t (the base model for t = 1); ``iter<t>/model`` is π_{t+1}.
 
@@ -20,21 +20,30 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from sppo_kernels.pipeline import chat, evaluate, schema
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.fingerprint import (
+from sppo_kernels.pipeline.core import schema
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.fingerprint import (
     Fingerprint,
     discarding_stale,
     model_identity,
     prompts_identity,
     stage_fingerprint,
 )
-from sppo_kernels.pipeline.modeling import context_length
-from sppo_kernels.pipeline.options import to_record, validated
-from sppo_kernels.pipeline.prompts import Prompt, PromptOptions, load_prompts, split_prompts
-from sppo_kernels.pipeline.rank import PairwiseScorer, judge_identity
-from sppo_kernels.pipeline.stages import STAGES, PipelineOptions, RunOptions, default_launcher
-from sppo_kernels.pipeline.store import check_out_dir, read_json, settle_stale, stage_summary, write_json, write_jsonl
+from sppo_kernels.pipeline.core.options import to_record, validated
+from sppo_kernels.pipeline.core.prompts import Prompt, PromptOptions, load_prompts, split_prompts
+from sppo_kernels.pipeline.core.store import (
+    check_out_dir,
+    read_json,
+    settle_stale,
+    stage_summary,
+    write_json,
+    write_jsonl,
+)
+from sppo_kernels.pipeline.evaluation.evaluate import evaluate_run
+from sppo_kernels.pipeline.models import chat
+from sppo_kernels.pipeline.models.judge import PairwiseScorer, judge_identity
+from sppo_kernels.pipeline.models.policy import context_length
+from sppo_kernels.pipeline.table import STAGES, PipelineOptions, RunOptions, default_launcher
 
 __all__ = ["PipelineOptions", "RunOptions", "default_launcher", "run_fingerprint", "run_iteration", "run_pipeline"]
 
@@ -133,5 +142,5 @@ def _run_pipeline(
         current = str(run_iteration(current, split, schema.iteration_dir(out, t), options, scorer=scorer))
     print(f"=== done: final model {current}; per-iteration artefacts in {out}/iter*/")
     if options.evaluate.eval_prompts:  # the evaluate stage, after the last iteration
-        evaluate.evaluate_run(out, model, options, scorer=scorer)
+        evaluate_run(out, model, options, scorer=scorer)
     return Path(current)

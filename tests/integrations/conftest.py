@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from sppo_kernels.tiny_models import tiny_causal_lm, tiny_pair_batch
+from sppo_kernels.pipeline.demo.tiny_models import tiny_causal_lm, tiny_pair_batch
 
 
 @pytest.fixture(params=["llama", "gemma2"])

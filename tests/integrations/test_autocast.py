@@ -16,7 +16,7 @@ from integration_helpers import assert_close_grads, grads
 
 import sppo_kernels as sk
 from sppo_kernels.integrations import hf
-from sppo_kernels.tiny_models import tiny_causal_lm, tiny_pair_batch
+from sppo_kernels.pipeline.demo.tiny_models import tiny_causal_lm, tiny_pair_batch
 
 ETA = 10.0
 BF16_STEP = 2.0**-7  # relative spacing of bfloat16 numbers

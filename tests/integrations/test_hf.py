@@ -9,7 +9,7 @@ import torch
 from integration_helpers import assert_close_grads, grads, plain_sequence_logprobs, plain_sppo_loss
 
 from sppo_kernels.integrations import hf
-from sppo_kernels.tiny_models import tiny_causal_lm, tiny_pair_batch
+from sppo_kernels.pipeline.demo.tiny_models import tiny_causal_lm, tiny_pair_batch
 
 
 def _logits_from_parts(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -125,13 +125,3 @@ def test_wrapped_model_goes_through_the_wrapper(batch) -> None:
     assert hf.unwrap_model(wrapped) is model
     torch.testing.assert_close(hf.model_sequence_logprobs(wrapped, *inputs), hf.model_sequence_logprobs(model, *inputs))
     assert calls == [1]
-
-
-def test_old_names_are_aliases() -> None:
-    from sppo_kernels import tiny_models
-    from sppo_kernels.integrations import testing
-
-    assert hf.sequence_logprobs is hf.model_sequence_logprobs
-    assert hf.reference_logprobs is hf.model_reference_logprobs
-    assert hf.sppo_loss is hf.model_sppo_loss
-    assert testing.tiny_causal_lm is tiny_models.tiny_causal_lm and testing.__all__ == tiny_models.__all__

@@ -9,7 +9,7 @@ import torch
 from integration_helpers import assert_close_grads, grads, plain_sequence_logprobs, plain_sppo_loss
 
 from sppo_kernels.integrations import hf
-from sppo_kernels.tiny_models import tiny_causal_lm
+from sppo_kernels.pipeline.demo.tiny_models import tiny_causal_lm
 
 peft = pytest.importorskip("peft")
 

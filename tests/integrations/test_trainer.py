@@ -8,7 +8,7 @@ import pytest
 import torch
 from integration_helpers import QUIET_CPU_TRAINING, assert_close_grads, grads, plain_sequence_logprobs, plain_sppo_loss
 
-from sppo_kernels.tiny_models import tiny_causal_lm, tiny_pair_batch
+from sppo_kernels.pipeline.demo.tiny_models import tiny_causal_lm, tiny_pair_batch
 
 datasets = pytest.importorskip("datasets")
 from transformers import TrainingArguments  # noqa: E402
@@ -56,15 +56,6 @@ def test_collator_pads_right() -> None:
     assert padded["input_ids"].tolist() == [[5, 6, 7, 9], [8, 9, 9, 9]] and padded["labels"].shape == (2, 4)
     with pytest.raises(ValueError, match="3 input_ids but 2 labels"):
         SPPODataCollator()([{"input_ids": [1, 2, 3], "labels": [2, 3], "target_probs": 0.5}])
-
-
-def test_loss_backend_is_a_deprecated_alias(tmp_path) -> None:
-    data = datasets.Dataset.from_list(_rows(tiny_pair_batch(1), torch.zeros(2)))
-    with pytest.warns(FutureWarning, match="use backend"):
-        trainer = SPPOTrainer(
-            model=tiny_causal_lm("llama"), args=_args(tmp_path), train_dataset=data, loss_backend="torch"
-        )
-    assert trainer.backend == trainer.loss_backend == "torch"
 
 
 def test_training_step_matches_materialised(arch: str, tmp_path) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from integration_helpers import QUIET_CPU_TRAINING, assert_close_grads, grads, plain_sequence_logprobs
 
-from sppo_kernels.tiny_models import tiny_causal_lm, tiny_char_tokenizer, tiny_preference_rows
+from sppo_kernels.pipeline.demo.tiny_models import tiny_causal_lm, tiny_char_tokenizer, tiny_preference_rows
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -85,13 +85,6 @@ def test_sppo_losses_match_formulas(tmp_path, loss_type: str, arch: str, tempera
     want.backward()
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-3)
     assert_close_grads(grads(model), grads(plain))
-
-
-def test_loss_backend_is_a_deprecated_alias(tmp_path) -> None:
-    model, ref = tiny_causal_lm("llama"), tiny_causal_lm("llama", seed=1)
-    with pytest.warns(FutureWarning, match="use backend"):
-        trainer = _trainer(SPPODPOTrainer, tmp_path, "sppo", model, ref, loss_backend="torch")
-    assert trainer.backend == trainer.loss_backend == "torch"
 
 
 def test_sppo_hard_equals_trl_own(tmp_path) -> None:

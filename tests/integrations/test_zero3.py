@@ -12,7 +12,7 @@ import pytest
 
 from sppo_kernels.integrations import hf
 from sppo_kernels.integrations.zero3 import gathered_lm_head, partitioned_head_params
-from sppo_kernels.tiny_models import tiny_causal_lm
+from sppo_kernels.pipeline.demo.tiny_models import tiny_causal_lm
 
 HERE = Path(__file__).parent
 

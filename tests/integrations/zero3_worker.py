@@ -23,7 +23,7 @@ from integration_helpers import assert_close_grads, grads, plain_sequence_logpro
 import sppo_kernels as sk
 from sppo_kernels.integrations import hf
 from sppo_kernels.integrations.zero3 import gathered_lm_head
-from sppo_kernels.tiny_models import tiny_causal_lm, tiny_pair_batch
+from sppo_kernels.pipeline.demo.tiny_models import tiny_causal_lm, tiny_pair_batch
 
 ETA, TEMPERATURE = 10.0, 0.8
 BACKENDS = ("cpu", "chunked", "torch")

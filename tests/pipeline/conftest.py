@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from pipeline_data import PROMPTS_FILE
 
-from sppo_kernels.pipeline.demo import build_pairrm, build_policy
-from sppo_kernels.pipeline.generate import GenerateOptions
-from sppo_kernels.pipeline.options import to_argv
-from sppo_kernels.pipeline.prompts import Prompt, PromptOptions, bundled_prompts_path, load_prompts
-from sppo_kernels.pipeline.rank import RankOptions
-from sppo_kernels.pipeline.reflogps import RefLogpsOptions
+from sppo_kernels.pipeline.core.options import to_argv
+from sppo_kernels.pipeline.core.prompts import Prompt, PromptOptions, load_prompts
+from sppo_kernels.pipeline.demo.assets import build_pairrm, build_policy
+from sppo_kernels.pipeline.models.judge import RankOptions
+from sppo_kernels.pipeline.models.sampling import GenerateOptions
 from sppo_kernels.pipeline.run import PipelineOptions, RunOptions, run_pipeline
-from sppo_kernels.pipeline.train import TrainOptions
+from sppo_kernels.pipeline.stages.reflogps import RefLogpsOptions
+from sppo_kernels.pipeline.stages.train import TrainOptions
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -63,8 +64,8 @@ def leave_no_process_group() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def prompts() -> list[Prompt]:
-    """The bundled demo prompts."""
-    return load_prompts(str(bundled_prompts_path()))
+    """The prompts of the pipeline tests."""
+    return load_prompts(str(PROMPTS_FILE))
 
 
 @pytest.fixture(scope="session")
@@ -109,9 +110,9 @@ def make_options(ranker: Path) -> Callable[..., PipelineOptions]:
 
 
 def run_command(policy: Path, out: Path, options: PipelineOptions, *extra: str) -> list[str]:
-    """The ``sppo-train run`` arguments that reproduce ``run_pipeline(policy, bundled prompts, out, options)``."""
+    """The ``sppo-train run`` arguments that reproduce ``run_pipeline(policy, PROMPTS_FILE, out, options)``."""
     flags = [flag for group in dataclasses.fields(options) for flag in to_argv(getattr(options, group.name))]
-    return ["run", "--model", str(policy), "--prompts", str(bundled_prompts_path()), "--out", str(out), *flags, *extra]
+    return ["run", "--model", str(policy), "--prompts", str(PROMPTS_FILE), "--out", str(out), *flags, *extra]
 
 
 @pytest.fixture(scope="session")
@@ -150,5 +151,5 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, policy: Path, make_op
     """One complete in-process iteration (ZeRO-3, checkpoints every step kept) of ``make_options()``."""
     out = tmp_path_factory.mktemp("run")
     with single_thread():  # session fixtures start before the module-scoped one_thread
-        run_pipeline(str(policy), str(bundled_prompts_path()), out, make_options(save_steps=1, keep_checkpoints=True))
+        run_pipeline(str(policy), str(PROMPTS_FILE), out, make_options(save_steps=1, keep_checkpoints=True))
     return out

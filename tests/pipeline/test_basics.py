@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from sppo_kernels.pipeline import chat, store
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.fingerprint import stage_fingerprint
-from sppo_kernels.pipeline.generate import GenerateOptions
-from sppo_kernels.pipeline.modeling import ModelOptions
-from sppo_kernels.pipeline.options import add_options, from_args, to_argv, to_record, validated
-from sppo_kernels.pipeline.prompts import Prompt, PromptOptions, load_prompts, split_prompts
-from sppo_kernels.pipeline.targets import TargetsOptions
-from sppo_kernels.pipeline.train import TrainOptions
+from sppo_kernels.pipeline.core import store
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.fingerprint import stage_fingerprint
+from sppo_kernels.pipeline.core.options import add_options, from_args, to_argv, to_record, validated
+from sppo_kernels.pipeline.core.prompts import Prompt, PromptOptions, load_prompts, split_prompts
+from sppo_kernels.pipeline.models import chat
+from sppo_kernels.pipeline.models.policy import ModelOptions
+from sppo_kernels.pipeline.models.sampling import GenerateOptions
+from sppo_kernels.pipeline.stages.targets import TargetsOptions
+from sppo_kernels.pipeline.stages.train import TrainOptions
+from sppo_kernels.pipeline.table import PipelineOptions
 
 # ---------------------------------------------------------------------------------------------- store
 
@@ -95,24 +98,28 @@ def test_options_round_trip_through_flags() -> None:
     assert from_args(GenerateOptions, parser.parse_args([])) == GenerateOptions()
 
 
-def test_model_backend_is_kernel_backend_outside_python() -> None:
-    """``ModelOptions.backend`` is ``--kernel-backend`` on the command line and ``kernel_backend`` in records;
-    ``kernel_backend`` is still accepted as the keyword and read as the attribute (deprecated)."""
-    parser = argparse.ArgumentParser()
-    add_options(parser, ModelOptions)
-    options = from_args(ModelOptions, parser.parse_args(["--kernel-backend", "chunked"]))
-    assert options == ModelOptions(backend="chunked")
-    assert to_argv(options) == ["--kernel-backend", "chunked"]
-    assert to_record(options) == {"trust_remote_code": False, "attn_implementation": None, "kernel_backend": "chunked"}
-    with pytest.warns(FutureWarning, match="use backend"):
-        old = ModelOptions(kernel_backend="cpu")
-    assert old.backend == "cpu"
-    with pytest.warns(FutureWarning, match="use backend"):
-        assert old.kernel_backend == "cpu"
-    with pytest.raises(TypeError, match="both"), pytest.warns(FutureWarning):
-        ModelOptions(backend="cpu", kernel_backend="cpu")
+def test_every_option_has_one_name() -> None:
+    """An option's field name is its key in ``run.json`` and, with dashes, its flag; there is no other spelling."""
+    for group in dataclasses.fields(PipelineOptions):
+        options = group.default_factory()
+        actions = parser_for(type(options))._actions
+        flags = {action.dest: action.option_strings for action in actions if action.dest != "help"}
+        fields = {field.name for field in dataclasses.fields(options)}
+        assert set(to_record(options)) == fields == set(flags), group.name
+        for name, strings in flags.items():
+            assert strings[0] == "--" + name.replace("_", "-"), strings
+    options = from_args(ModelOptions, parser_for(ModelOptions).parse_args(["--kernel-backend", "chunked"]))
+    assert options == ModelOptions(kernel_backend="chunked") and to_argv(options) == ["--kernel-backend", "chunked"]
+    with pytest.raises(TypeError):
+        ModelOptions(backend="chunked")  # type: ignore[call-arg]
     with pytest.raises(PipelineError, match="--kernel-backend must be one of"):
-        validated(ModelOptions(backend="fast"))
+        validated(ModelOptions(kernel_backend="fast"))
+
+
+def parser_for(cls: type) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add_options(parser, cls)
+    return parser
 
 
 def test_bad_choices_are_rejected() -> None:

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from sppo_kernels.pipeline import schema, store, train
-from sppo_kernels.pipeline.fingerprint import discarding_stale, stage_fingerprint
-from sppo_kernels.pipeline.train import checkpoint_to_resume
+from sppo_kernels.pipeline.core import schema, store
+from sppo_kernels.pipeline.core.fingerprint import discarding_stale, stage_fingerprint
+from sppo_kernels.pipeline.stages import train
+from sppo_kernels.pipeline.stages.train import checkpoint_to_resume
 
 FINGERPRINT = stage_fingerprint("train", {}).with_layout(processes=1)
 FILES = {"mp_rank_00_model_states.pt": 10, "zero_pp_rank_0_mp_rank_00_optim_states.pt": 20}

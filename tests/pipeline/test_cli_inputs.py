@@ -12,10 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from pipeline_data import PROMPTS_FILE
 
-from sppo_kernels.pipeline import cli, schema, store
-from sppo_kernels.pipeline.generate import GenerateOptions, run_generate
-from sppo_kernels.pipeline.prompts import Prompt, bundled_prompts_path
+from sppo_kernels.pipeline import cli
+from sppo_kernels.pipeline.core import schema, store
+from sppo_kernels.pipeline.core.prompts import Prompt
+from sppo_kernels.pipeline.models.sampling import GenerateOptions
+from sppo_kernels.pipeline.stages.generate import run_generate
 
 
 def _cli_error(capsys, *argv: str) -> str:
@@ -79,7 +82,7 @@ def test_bad_options_of_a_stage_command(policy: Path, tmp_path: Path, capsys) ->
     assert "--eta must be" in _cli_error(
         capsys, "train", "--model", policy, "--data", data, "--out", tmp_path / "o", "--eta", "-1"
     )
-    args = ["generate", "--model", policy, "--prompts", bundled_prompts_path(), "--out", tmp_path / "o"]
+    args = ["generate", "--model", policy, "--prompts", PROMPTS_FILE, "--out", tmp_path / "o"]
     assert "--max-new-tokens must be" in _cli_error(capsys, *args, "--max-new-tokens", "0")
     assert not (tmp_path / "o").exists()
 
@@ -174,7 +177,7 @@ def test_bad_model_folders(run_args: Callable, policy: Path, tmp_path: Path, cap
 
 
 def test_truncated_unit_file(policy: Path, tmp_path: Path, capsys) -> None:
-    args = ["generate", "--model", policy, "--prompts", bundled_prompts_path(), "--out", tmp_path, "--max-prompts", "4"]
+    args = ["generate", "--model", policy, "--prompts", PROMPTS_FILE, "--out", tmp_path, "--max-prompts", "4"]
     args += ["--num-responses", "2", "--max-new-tokens", "3", "--generation-shard-size", "2"]
     assert cli.main([str(a) for a in args]) == 0
     schema.marker_path(tmp_path, "generate").unlink()  # as if killed after the units were written

@@ -12,15 +12,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pipeline_data import PROMPTS_FILE
 
-from sppo_kernels.pipeline import cli, evaluate, store
-from sppo_kernels.pipeline.demo import build_policy
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.evaluate import EvalOptions, Policy, bootstrap_ci, fit_length_glm, lc_win_rate
-from sppo_kernels.pipeline.fingerprint import stage_fingerprint
-from sppo_kernels.pipeline.generate import GenerateOptions
-from sppo_kernels.pipeline.gold import GoldJudge, gold_score
-from sppo_kernels.pipeline.prompts import bundled_prompts_path
+from sppo_kernels.pipeline import cli
+from sppo_kernels.pipeline.core import schema, store
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.fingerprint import stage_fingerprint
+from sppo_kernels.pipeline.core.stage import run_stage
+from sppo_kernels.pipeline.demo.assets import build_policy
+from sppo_kernels.pipeline.demo.gold import GoldJudge, gold_score
+from sppo_kernels.pipeline.evaluation import evaluate
+from sppo_kernels.pipeline.evaluation.evaluate import EvalOptions, Policy
+from sppo_kernels.pipeline.evaluation.statistics import bootstrap_ci, fit_length_glm, lc_win_rate, length_feature
+from sppo_kernels.pipeline.evaluation.verdicts import Verdicts
+from sppo_kernels.pipeline.models.sampling import GenerateOptions
 from sppo_kernels.pipeline.run import run_pipeline
 
 SMALL_GENERATION = GenerateOptions(max_new_tokens=6, generation_batch_size=4)
@@ -41,7 +46,7 @@ def test_lc_win_rate_hand_computed() -> None:
     baseline_lengths = [20] * 10
     expected = math.sqrt(8 / 3) / (1 + math.sqrt(8 / 3))
     assert lc_win_rate(preferences, policy_lengths, baseline_lengths, l2=0.0) == pytest.approx(expected, abs=1e-9)
-    theta, phi = fit_length_glm(preferences, evaluate.length_feature(policy_lengths, baseline_lengths), l2=0.0)
+    theta, phi = fit_length_glm(preferences, length_feature(policy_lengths, baseline_lengths), l2=0.0)
     x = math.tanh(math.sqrt(0.9))
     assert theta == pytest.approx(0.5 * math.log(8 / 3), abs=1e-9)
     assert phi == pytest.approx((math.log(4) - math.log(2 / 3)) / (2 * x), abs=1e-8)
@@ -98,14 +103,20 @@ def test_both_orders_cancel_position_bias(tmp_path: Path) -> None:
     baseline = [{"id": i, "instruction": "q", "output": text} for i, text in enumerate(["aa", "aa", "same", "bb"])]
     judge = BiasedJudge()
     fingerprint = stage_fingerprint("eval-judge", {"judge": {"scorer": "BiasedJudge"}})
-    rows = evaluate.judge_outputs(
-        judge, "biased", policy, baseline, tmp_path, shard_size=2, where="test", fingerprint=fingerprint
-    )
+    stage = Verdicts(lambda: judge, "biased", list(zip(policy, baseline, strict=True)), tmp_path, fingerprint,
+                     shard_size=2, where="test")  # fmt: skip
+    rows = store.read_jsonl(run_stage(stage))
     assert [r["outcome"] for r in rows] == [1.0, 0.0, 0.5, 0.5]  # identical responses: a tie, not asked
     assert judge.calls == [2]  # one shard had only identical pairs
     assert rows[0]["logits"] == pytest.approx([5.2, 4.8]) and rows[0]["preference"] == pytest.approx(0.4)
     summary = store.stage_summary(tmp_path, "judge-biased")
-    assert summary == {"pairs": 4, "wins": 1, "ties": 2, "losses": 1, "fingerprint": fingerprint.record}
+    assert summary["fingerprint"] == fingerprint.record
+    assert {k: summary[k] for k in ("pairs", "wins", "ties", "losses")} == {
+        "pairs": 4,
+        "wins": 1,
+        "ties": 2,
+        "losses": 1,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -119,7 +130,7 @@ def second_policy(tmp_path_factory: pytest.TempPathFactory, texts: list[str]) ->
 @pytest.fixture(scope="module")
 def eval_prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("prompts") / "held_out.jsonl"
-    rows = store.read_jsonl(bundled_prompts_path())[-10:]
+    rows = store.read_jsonl(PROMPTS_FILE)[-10:]
     store.write_jsonl(path, rows)
     return path
 
@@ -132,7 +143,6 @@ def _evaluate(policies: list[Policy], prompts: Path, out: Path, **options: objec
         EvalOptions(eval_bootstrap=200, eval_shard_size=4, **options),
         SMALL_GENERATION,
         judges={"biased": BiasedJudge(), "gold": GoldJudge()},
-        log=lambda _line: None,
     )
 
 
@@ -141,10 +151,10 @@ def test_evaluate_writes_every_artefact_and_resumes(
 ) -> None:
     policies = [Policy(0, str(policy)), Policy(1, str(second_policy))]
     rows = _evaluate(policies, eval_prompts, tmp_path)
-    assert store.read_json(tmp_path / evaluate.EVAL_JSON) == rows
-    assert [(r["iteration"], r["judge"]) for r in rows] == [(0, "biased"), (1, "biased"), (0, "gold"), (1, "gold")]
+    assert store.read_json(schema.EVAL_JSON.path(tmp_path)) == rows
+    assert [(r["iteration"], r["judge"]) for r in rows] == [(0, "biased"), (0, "gold"), (1, "biased"), (1, "gold")]
     for row in rows:
-        assert list(row) == list(evaluate.ROW_KEYS) and row["n"] == 10
+        assert list(row) == list(schema.EVAL_JSON.columns) and row["n"] == 10
         assert all(0 <= row[k] <= 1 for k in ("win_rate", "lc_win_rate")) and len(row["win_rate_ci"]) == 2
         assert row["win_rate_ci"][0] <= row["win_rate"] <= row["win_rate_ci"][1]
         assert row["avg_length_chars"] > 0 and 0 < row["avg_length_tokens"] <= 6
@@ -159,10 +169,10 @@ def test_evaluate_writes_every_artefact_and_resumes(
         "dataset": "held_out",
     }
     assert not (tmp_path / "eval" / "baseline").exists()  # the baseline is iteration 0: generated once
-    table = (tmp_path / evaluate.TABLE).read_text()
+    table = (tmp_path / schema.EVAL_TABLE).read_text()
     assert "| iteration | LC win rate | win rate [95% CI] |" in table
     assert "| base | 50.00 | 50.00 [50.00, 50.00]" in table
-    assert (tmp_path / evaluate.PLOT).read_bytes().startswith(b"\x89PNG")
+    assert (tmp_path / schema.EVAL_PLOT).read_bytes().startswith(b"\x89PNG")
 
     # resume: a lost unit of work is redone with the same seed; finished parts are not touched
     marker = tmp_path / "eval" / "iter1" / "stages" / "generate.json"
@@ -180,9 +190,9 @@ def test_evaluate_writes_every_artefact_and_resumes(
 
 
 def test_generation_settings() -> None:
-    paper = evaluate._generation_options(EvalOptions(), GenerateOptions())
+    paper = evaluate.sampling_options(EvalOptions(), GenerateOptions())
     assert (paper.num_responses, paper.temperature, paper.top_p) == (1, 0.7, 0.9)  # the paper's sampling
-    greedy = evaluate._generation_options(EvalOptions(eval_sampling="greedy"), GenerateOptions(max_new_tokens=9))
+    greedy = evaluate.sampling_options(EvalOptions(eval_sampling="greedy"), GenerateOptions(max_new_tokens=9))
     assert (greedy.temperature, greedy.top_p, greedy.max_new_tokens) == (0.0, 1.0, 9)  # vLLM: temperature 0 = greedy
 
 
@@ -225,9 +235,9 @@ def test_evaluate_rejects_bad_input(
     with pytest.raises(PipelineError, match=r"judge 'nan' returned a non-finite logit .* prompt id \d+ of .*held_out"):
         evaluate.evaluate(
             policies, str(eval_prompts), out, EvalOptions(eval_shard_size=4), SMALL_GENERATION,
-            judges={"nan": NaNJudge()}, log=lambda _line: None,
+            judges={"nan": NaNJudge()},
         )  # fmt: skip
-    assert not (out / evaluate.EVAL_JSON).exists()
+    assert not (schema.EVAL_JSON.path(out)).exists()
     assert store.stage_summary(out / "eval" / "iter1", "judge-nan") is None
     assert not (out / "eval" / "iter1" / "judgments-nan.jsonl").exists()
 
@@ -249,18 +259,18 @@ def test_run_with_eval_prompts_and_eval_command(
         make_options(save_steps=1, keep_checkpoints=True),
         evaluate=EvalOptions(eval_prompts=str(eval_prompts), eval_shard_size=4, eval_bootstrap=100),
     )
-    run_pipeline(str(policy), str(bundled_prompts_path()), run_dir, options)  # every training stage is skipped
+    run_pipeline(str(policy), str(PROMPTS_FILE), run_dir, options)  # every training stage is skipped
     text = capsys.readouterr().out
-    assert text.count("finished earlier") == 5 and "[evaluate] judge pairrm: iteration 1" in text
-    rows = store.read_json(run_dir / evaluate.EVAL_JSON)
+    assert text.count("finished earlier") == 5 and "[evaluate-pairrm] iteration 1" in text
+    rows = store.read_json(schema.EVAL_JSON.path(run_dir))
     assert [(r["iteration"], r["judge"], r["n"]) for r in rows] == [(0, "pairrm", 10), (1, "pairrm", 10)]
-    run_pipeline(str(policy), str(bundled_prompts_path()), run_dir, options)
-    assert "[evaluate] finished earlier" in capsys.readouterr().out
+    run_pipeline(str(policy), str(PROMPTS_FILE), run_dir, options)
+    assert "[evaluate-pairrm] finished earlier" in capsys.readouterr().out
 
     # sppo-train eval --run: options default to the run's (max_new_tokens 8, the tiny ranker), flags win
     assert cli.main(["eval", "--run", str(run_dir), "--eval-prompts", str(eval_prompts), "--out",
                      str(tmp_path / "cli"), "--eval-max-prompts", "4", "--eval-sampling", "greedy"]) == 0  # fmt: skip
-    rows = store.read_json(tmp_path / "cli" / evaluate.EVAL_JSON)
+    rows = store.read_json(schema.EVAL_JSON.path(tmp_path / "cli"))
     assert [(r["iteration"], r["n"]) for r in rows] == [(0, 4), (1, 4)]
     settings = store.read_json(tmp_path / "cli" / "eval" / "settings.json")
     assert settings["generate"]["max_new_tokens"] == 8 and settings["generate"]["temperature"] == 0.0

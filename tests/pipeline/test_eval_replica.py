@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from sppo_kernels.pipeline import evaluate, store
-from sppo_kernels.pipeline.quiet import STORY
-from sppo_kernels.pipeline.stages import STAGE_NAMES
+from sppo_kernels.pipeline.core import schema, store
+from sppo_kernels.pipeline.demo.console import STORY
+from sppo_kernels.pipeline.table import STAGE_NAMES
 
 # The smaller configuration of the learning test: 2 iterations of 64 prompts, 128 eval prompts, shorter
 # warm-start and proxy training, a larger learning rate to make up for the fewer steps.
@@ -35,7 +35,7 @@ MARGIN = 0.10
 
 REPLICA = """
 import json, sys
-from sppo_kernels.pipeline.demo import DemoConfig, run_demo
+from sppo_kernels.pipeline.demo.replica import DemoConfig, run_demo
 config = DemoConfig(**json.loads(sys.argv[2]))
 run_demo(sys.argv[1], iterations=config.iterations, config=config)
 """
@@ -54,7 +54,7 @@ def small_replica(tmp_path_factory: pytest.TempPathFactory, python: Callable) ->
 
 
 def _gold(out: Path) -> list[dict[str, Any]]:
-    rows = store.read_json(out / "run" / evaluate.EVAL_JSON)
+    rows = store.read_json(schema.EVAL_JSON.path(out / schema.DEMO_RUN))
     return sorted((r for r in rows if r["judge"] == "gold"), key=lambda r: r["iteration"])
 
 
@@ -83,8 +83,8 @@ def test_console_tells_the_story(small_replica: tuple[Path, str]) -> None:
     for stage in STAGE_NAMES:
         assert sum(line.startswith(f"[{stage}] ") for line in lines) == SMALL["iterations"]
     assert sum(re.match(r"\| iter\d", line) is not None for line in lines) == 2 * SMALL["iterations"]
-    assert lines[-3].startswith(f"    results: {out / 'run' / 'eval.json'}")
-    log = (out / "demo.log").read_text()
+    assert lines[-3].startswith(f"    results: {schema.EVAL_JSON.path(out / schema.DEMO_RUN)}")
+    log = (out / schema.DEMO_LOG).read_text()
     assert "dataclasses_json" not in log and "No ranker config provided" not in log and "mean_resizing" not in log
 
 
@@ -105,6 +105,11 @@ def _normalised(path: Path) -> Any:
     return path.read_bytes()
 
 
+def _files(folder: Path) -> list[Path]:
+    """The files of a demo folder but its log, relative to it."""
+    return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.name != schema.DEMO_LOG)
+
+
 @pytest.mark.slow
 def test_two_fresh_demos_write_the_same_artefacts(small_replica: tuple[Path, str], python: Callable) -> None:
     first, _ = small_replica
@@ -112,8 +117,10 @@ def test_two_fresh_demos_write_the_same_artefacts(small_replica: tuple[Path, str
     first.rename(moved)
     try:
         _replica(python, first, PYTHONHASHSEED="2")  # same folder, another process and hash seed
-        files = sorted(p.relative_to(moved) for p in moved.rglob("*") if p.is_file() and p.name != "demo.log")
-        assert files == sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file() and p.name != "demo.log")
+        files = sorted(p.relative_to(moved) for p in moved.rglob("*") if p.is_file() and p.name != schema.DEMO_LOG)
+        assert files == sorted(
+            p.relative_to(first) for p in first.rglob("*") if p.is_file() and p.name != schema.DEMO_LOG
+        )
         assert len(files) > 50
         different = [str(f) for f in files if _normalised(moved / f) != _normalised(first / f)]
         assert not different
@@ -124,8 +131,8 @@ def test_two_fresh_demos_write_the_same_artefacts(small_replica: tuple[Path, str
 
 VOCABULARIES = """
 import json, sys
-from sppo_kernels.pipeline.demo import build_pairrm, build_policy_tokenizer, wordpiece_vocab
-from sppo_kernels.pipeline.gold import world_prompts
+from sppo_kernels.pipeline.demo.assets import build_pairrm, build_policy_tokenizer, wordpiece_vocab
+from sppo_kernels.pipeline.demo.gold import world_prompts
 texts = world_prompts()[:200]
 build_pairrm(sys.argv[1], texts)
 ranker = json.load(open(sys.argv[1] + "/backbone/tokenizer.json"))
@@ -158,5 +165,5 @@ def test_demo_meets_its_bar(tmp_path: Path, sppo_train: Callable) -> None:
     ids = [{r["id"] for r in store.read_jsonl(tmp_path / "run" / f"iter{t}" / "prompts.jsonl")} for t in (1, 2, 3)]
     assert not (ids[0] & ids[1] or ids[1] & ids[2] or ids[0] & ids[2])
     assert f"results: {tmp_path / 'run' / 'eval.json'}" in result.stdout
-    assert (tmp_path / "run" / evaluate.PLOT).is_file()
+    assert (tmp_path / schema.DEMO_RUN / schema.EVAL_PLOT).is_file()
     assert os.path.isfile(tmp_path / "run" / "eval" / "iter3" / "model_outputs.json")

@@ -16,20 +16,24 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from pipeline_data import PROMPTS_FILE
 from safetensors.torch import load_file
 
-from sppo_kernels.pipeline import cli, schema, store
-from sppo_kernels.pipeline.demo import build_policy
-from sppo_kernels.pipeline.fingerprint import discarding_stale, model_identity, stage_fingerprint
-from sppo_kernels.pipeline.generate import GenerateOptions, run_generate
-from sppo_kernels.pipeline.prompts import Prompt, bundled_prompts_path
-from sppo_kernels.pipeline.rank import RankOptions, run_rank
-from sppo_kernels.pipeline.reflogps import RefLogpsOptions, run_reflogps
+from sppo_kernels.pipeline import cli
+from sppo_kernels.pipeline.core import schema, store
+from sppo_kernels.pipeline.core.fingerprint import discarding_stale, model_identity, stage_fingerprint
+from sppo_kernels.pipeline.core.prompts import Prompt
+from sppo_kernels.pipeline.core.store import StaleWorkError
+from sppo_kernels.pipeline.demo.assets import build_policy
+from sppo_kernels.pipeline.models.judge import RankOptions
+from sppo_kernels.pipeline.models.sampling import GenerateOptions
 from sppo_kernels.pipeline.run import run_pipeline
-from sppo_kernels.pipeline.stages import STAGE_NAMES
-from sppo_kernels.pipeline.store import StaleWorkError
-from sppo_kernels.pipeline.targets import TargetsOptions, run_targets
-from sppo_kernels.pipeline.train import run_train
+from sppo_kernels.pipeline.stages.generate import run_generate
+from sppo_kernels.pipeline.stages.rank import run_rank
+from sppo_kernels.pipeline.stages.reflogps import RefLogpsOptions, run_reflogps
+from sppo_kernels.pipeline.stages.targets import TargetsOptions, run_targets
+from sppo_kernels.pipeline.stages.train import run_train
+from sppo_kernels.pipeline.table import STAGE_NAMES
 
 GENERATE = GenerateOptions(num_responses=2, max_new_tokens=4, generation_batch_size=2, generation_shard_size=2)
 REFLOGPS = RefLogpsOptions(max_length=40, max_prompt_length=24, reflogps_batch_size=4, reflogps_shard_size=4)
@@ -257,7 +261,7 @@ def test_train_refuses_or_discards_another_models_checkpoint(
 
 def test_checkpoint_of_another_process_count_is_stale(tmp_path: Path) -> None:
     """A ZeRO checkpoint is partitioned over its processes: the count is part of its fingerprint."""
-    from sppo_kernels.pipeline.train import checkpoint_to_resume
+    from sppo_kernels.pipeline.stages.train import checkpoint_to_resume
 
     fingerprint = stage_fingerprint("train", {})
     folder = tmp_path / schema.CHECKPOINTS
@@ -293,10 +297,10 @@ def test_run_refuses_other_content_and_old_records(
     run = _copy_run(finished_run, tmp_path / "run")
     options = make_options(save_steps=1, keep_checkpoints=True)
     prompts = tmp_path / "prompts.jsonl"
-    rows = store.read_jsonl(bundled_prompts_path())
+    rows = store.read_jsonl(PROMPTS_FILE)
     store.write_jsonl(prompts, [{**rows[0], "prompt": "Something else entirely?"}, *rows[1:]])
     cases = [
-        ((str(other_policy), str(bundled_prompts_path())), r"model: .*llama\d* -> .*llama-seed1"),
+        ((str(other_policy), str(PROMPTS_FILE)), r"model: .*llama\d* -> .*llama-seed1"),
         ((str(policy), str(prompts)), r"prompts: "),
     ]
     for (model, source), message in cases:
@@ -309,12 +313,12 @@ def test_run_refuses_other_content_and_old_records(
     record = store.read_json(run / schema.RUN_RECORD)
     store.write_json(run / schema.RUN_RECORD, {k: v for k, v in record.items() if k != "fingerprint"})
     with pytest.raises(StaleWorkError, match=r"no fingerprint \(made by an older sppo-train\)"):
-        run_pipeline(str(policy), str(bundled_prompts_path()), run, options)
+        run_pipeline(str(policy), str(PROMPTS_FILE), run, options)
     store.write_json(run / schema.RUN_RECORD, record)
     marker = store.stage_summary(run / "iter1", "rank")
     store.write_json(schema.marker_path(run / "iter1", "rank"), {k: v for k, v in marker.items() if k != "fingerprint"})
     with pytest.raises(StaleWorkError, match=r"^the finished rank stage .*no fingerprint"):
-        run_pipeline(str(policy), str(bundled_prompts_path()), run, options)
+        run_pipeline(str(policy), str(PROMPTS_FILE), run, options)
 
 
 def test_run_with_discard_stale_recomputes_only_what_changed(
@@ -325,7 +329,7 @@ def test_run_with_discard_stale_recomputes_only_what_changed(
     options = make_options(save_steps=1, keep_checkpoints=True, learning_rate=2e-4)
     options = dataclasses.replace(options, reuse=dataclasses.replace(options.reuse, discard_stale=True))
     capsys.readouterr()
-    run_pipeline(str(policy), str(bundled_prompts_path()), run, options)
+    run_pipeline(str(policy), str(PROMPTS_FILE), run, options)
     printed = capsys.readouterr().out
     assert "discarding: the run in" in printed and "learning_rate: 0.0001 -> 0.0002" in printed
     assert [s for s in STAGE_NAMES if f"[{s}] finished earlier" in printed] == [
@@ -350,13 +354,13 @@ def test_run_record_compares_content_not_path_strings(
     model = shutil.copytree(policy, tmp_path / "moved" / "policy")  # a moved (copied) model
     install = tmp_path / "other-install"
     install.mkdir()
-    shutil.copy(bundled_prompts_path(), install / "demo_prompts.jsonl")  # the bundled prompts of another install
+    shutil.copy(PROMPTS_FILE, install / "demo_prompts.jsonl")  # the same prompts in another folder
     monkeypatch.chdir(tmp_path)
     options = make_options(save_steps=1, keep_checkpoints=True)
     for model_arg, prompts_arg, out_arg in [
         (str(model) + "/", "./other-install/demo_prompts.jsonl", "moved/run"),
         ("moved/policy", "other-install/demo_prompts.jsonl", str(run) + "/"),
-        (str(policy), str(bundled_prompts_path()), "./moved/../moved/run"),
+        (str(policy), str(PROMPTS_FILE), "./moved/../moved/run"),
     ]:
         capsys.readouterr()
         run_pipeline(model_arg, prompts_arg, out_arg, options)

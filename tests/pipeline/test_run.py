@@ -8,18 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pipeline_data import PROMPTS_FILE
 from safetensors.torch import load_file
 
-from sppo_kernels.pipeline import cli, schema, store
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.prompts import bundled_prompts_path
+from sppo_kernels.pipeline import cli
+from sppo_kernels.pipeline.core import schema, store
+from sppo_kernels.pipeline.core.errors import PipelineError
 from sppo_kernels.pipeline.run import run_pipeline
-from sppo_kernels.pipeline.stages import STAGE_NAMES
+from sppo_kernels.pipeline.table import STAGE_NAMES
 
 # Runs the CLI in a child process that SIGKILLs itself at a chosen point (argv[1]), like a crash or `kill -9`.
 KILLER = r"""
 import os, signal, sys
-from sppo_kernels.pipeline import cli, store, train
+from sppo_kernels.pipeline import cli
+from sppo_kernels.pipeline.core import store
+from sppo_kernels.pipeline.stages import train
 
 point = sys.argv.pop(1)
 if point == "generation":
@@ -53,7 +56,7 @@ def test_rerun_skips_finished_stages(finished_run: Path, policy: Path, make_opti
     folder = finished_run / "iter1"
     before = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
     options = make_options(save_steps=1, keep_checkpoints=True)
-    final = run_pipeline(str(policy), str(bundled_prompts_path()), finished_run, options)
+    final = run_pipeline(str(policy), str(PROMPTS_FILE), finished_run, options)
     assert final == folder / schema.MODEL_DIR
     assert capsys.readouterr().out.count("finished earlier") == len(STAGE_NAMES)
     assert {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p.name != "prompts.jsonl"} == {
@@ -66,7 +69,7 @@ def test_rerun_with_other_settings_is_refused(finished_run: Path, policy: Path, 
     with pytest.raises(
         PipelineError, match=r"other inputs or settings \(learning_rate: 0.0001 -> 1.0\).*--discard-stale"
     ):
-        run_pipeline(str(policy), str(bundled_prompts_path()), finished_run, options)
+        run_pipeline(str(policy), str(PROMPTS_FILE), finished_run, options)
 
 
 @pytest.mark.slow
@@ -148,11 +151,11 @@ def test_cli_errors(tmp_path: Path, policy: Path, capsys) -> None:
     empty = str(tmp_path / "empty.jsonl")
     assert "is empty" in _cli_error(capsys, "generate", "--model", str(policy), "--prompts", empty, "--out", out)
     assert "cannot be split" in _cli_error(
-        capsys, "run", "--model", str(policy), "--prompts", str(bundled_prompts_path()), "--out", out,
+        capsys, "run", "--model", str(policy), "--prompts", str(PROMPTS_FILE), "--out", out,
         "--iterations", "100",
     )  # fmt: skip
     assert "local path not found" in _cli_error(
-        capsys, "generate", "--model", str(tmp_path / "no-model"), "--prompts", str(bundled_prompts_path()),
+        capsys, "generate", "--model", str(tmp_path / "no-model"), "--prompts", str(PROMPTS_FILE),
         "--out", out, "--max-prompts", "2",
     )  # fmt: skip
     assert "missing file" in _cli_error(capsys, "rank", "--generations", missing, "--out", out)

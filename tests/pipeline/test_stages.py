@@ -14,13 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from sppo_kernels.pipeline import chat, generate, rank, schema, store
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.generate import GenerateOptions, run_generate
-from sppo_kernels.pipeline.prompts import Prompt
-from sppo_kernels.pipeline.rank import PairRMScorer, RankOptions, run_rank
-from sppo_kernels.pipeline.reflogps import RefLogpsOptions, run_reflogps
-from sppo_kernels.pipeline.targets import scores_from_logits
+from sppo_kernels.pipeline.core import schema, store
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.prompts import Prompt
+from sppo_kernels.pipeline.models import chat, judge, sampling
+from sppo_kernels.pipeline.models.judge import PairRMScorer, RankOptions
+from sppo_kernels.pipeline.models.sampling import GenerateOptions
+from sppo_kernels.pipeline.stages.generate import run_generate
+from sppo_kernels.pipeline.stages.rank import run_rank
+from sppo_kernels.pipeline.stages.reflogps import RefLogpsOptions, run_reflogps
+from sppo_kernels.pipeline.stages.targets import scores_from_logits
 
 # ---------------------------------------------------------------------------------------------- generate
 
@@ -45,8 +48,8 @@ def test_hf_generation_is_resumable_and_seeded_per_pass(tmp_path: Path, policy: 
 
 
 def test_unit_seeds_distinct() -> None:
-    seeds = {generate.unit_seed(0, k, j) for k in range(5) for j in range(50)}
-    assert len(seeds) == 250 and generate.unit_seed(0, 1, 2) == generate.unit_seed(0, 1, 2)
+    seeds = {sampling.unit_seed(0, k, j) for k in range(5) for j in range(50)}
+    assert len(seeds) == 250 and sampling.unit_seed(0, 1, 2) == sampling.unit_seed(0, 1, 2)
 
 
 def test_generate_rejects_bad_input(tmp_path: Path, policy: Path, prompts: list[Prompt]) -> None:
@@ -99,7 +102,7 @@ def test_vllm_glue(tmp_path: Path, policy: Path, prompts: list[Prompt], monkeypa
     fake = FakeVLLM()
     monkeypatch.setitem(sys.modules, "vllm", fake.module)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert generate.vllm_usable()
+    assert sampling.vllm_usable()
     options = GenerateOptions(num_responses=2, generation_shard_size=2, tensor_parallel_size=4)
     rows = store.read_jsonl(run_generate(str(policy), prompts[:3], tmp_path, options))
 
@@ -183,8 +186,8 @@ def test_rank_stage_errors(tmp_path: Path) -> None:
 
 
 def test_transformers5_shims_are_idempotent() -> None:
-    rank.apply_transformers5_shims()
-    rank.apply_transformers5_shims()
+    judge.apply_transformers5_shims()
+    judge.apply_transformers5_shims()
     import llm_blender.pair_ranker.collator as collator
 
     ids, mask = collator.encode_texts(["a b", "c"], _bert_like_tokenizer(), max_length=6)

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.targets import (
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.stages.targets import (
     TargetsOptions,
     build_targets,
     preference_matrix,
@@ -53,7 +53,7 @@ def test_win_rate_bounds_for_k5() -> None:
 
 
 def test_scores_match_llm_blender() -> None:
-    from sppo_kernels.pipeline.rank import apply_transformers5_shims
+    from sppo_kernels.pipeline.models.judge import apply_transformers5_shims
 
     apply_transformers5_shims()
     from llm_blender.gpt_eval.utils import get_scores_from_cmps

@@ -13,9 +13,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sppo_kernels.pipeline import reflogps, schema, store, train
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.train import TrainOptions, deepspeed_config, epoch_order, micro_batch, warmup_linear_decay
+from sppo_kernels.pipeline.core import schema, store
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.stages import reflogps, train
+from sppo_kernels.pipeline.stages.train import (
+    TrainOptions,
+    deepspeed_config,
+    epoch_order,
+    micro_batch,
+    warmup_linear_decay,
+)
 
 # ---------------------------------------------------------------------------------------------- config
 

@@ -23,7 +23,7 @@ fingerprint (with the number of processes, which a ZeRO checkpoint is partitione
 from it only when every listed file is there with its size and the fingerprint matches; an incomplete or
 unreferenced checkpoint (a killed save or removal, in any order) is discarded and training starts from step 0;
 one made from other inputs is refused, or discarded with ``discard_stale``. Old checkpoints and the folder
-itself are removed by renaming first (:func:`~sppo_kernels.pipeline.store.remove_tree`).
+itself are removed by renaming first (:func:`~sppo_kernels.pipeline.core.store.remove_tree`).
 """
 
 from __future__ import annotations
@@ -41,15 +41,13 @@ import torch
 from tqdm.auto import tqdm
 
 from sppo_kernels.integrations import hf
-from sppo_kernels.pipeline import chat, schema
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.fingerprint import Fingerprint, file_identity, model_identity, stage_fingerprint
-from sppo_kernels.pipeline.modeling import ModelOptions, default_device, load_causal_lm, pad_batch
-from sppo_kernels.pipeline.options import at_least, between, opt, positive
-from sppo_kernels.pipeline.store import (
+from sppo_kernels.pipeline.core import distributed, schema
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.fingerprint import Fingerprint, file_identity, model_identity, stage_fingerprint
+from sppo_kernels.pipeline.core.options import at_least, between, opt, positive
+from sppo_kernels.pipeline.core.stage import Stage, run_stage
+from sppo_kernels.pipeline.core.store import (
     atomic_path,
-    begin_stage,
-    finish_stage,
     read_json,
     read_jsonl,
     remove_tree,
@@ -57,8 +55,8 @@ from sppo_kernels.pipeline.store import (
     write_json,
     write_jsonl,
 )
-
-STAGE = "train"
+from sppo_kernels.pipeline.models import chat
+from sppo_kernels.pipeline.models.policy import ModelOptions, default_device, load_causal_lm, pad_batch
 
 
 @dataclass
@@ -99,7 +97,7 @@ class TrainOptions:
     )
 
     def check(self) -> None:
-        """Rules across options (see :func:`~sppo_kernels.pipeline.options.validated`)."""
+        """Rules across options (see :func:`~sppo_kernels.pipeline.core.options.validated`)."""
         if self.deepspeed_config is not None:  # a missing file is reported by the stage's fingerprint
             if Path(self.deepspeed_config).is_file() and not isinstance(read_json(self.deepspeed_config), dict):
                 raise PipelineError(f"--deepspeed-config {self.deepspeed_config}: expected a JSON object")
@@ -370,6 +368,175 @@ def _step(
     )
 
 
+def step_record(sums: dict[str, float], step: int, epoch: int, lr: float, grad_norm: Any, seconds: float) -> dict:
+    """The ``metrics.jsonl`` row of one optimizer step from the ``STATS`` sums over all processes."""
+    return {
+        "step": step + 1,
+        "epoch": epoch,
+        **{key: sums[key] / sums["sequences"] for key in ("loss", "log_ratio", "policy_logp")},
+        **{
+            key: sums[key] / sums[group] if sums[group] else None
+            for key, group in (("log_ratio_up", "up"), ("log_ratio_down", "down"))
+        },
+        "lr": lr,
+        "grad_norm": None if grad_norm is None else float(grad_norm),
+        "sequences": int(sums["sequences"]),
+        "tokens": int(sums["tokens"]),
+        "seconds": round(seconds, 3),
+    }
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Batch sizes and step counts of a training run."""
+
+    micro: int  # sequences per process per micro-batch
+    accumulation: int  # micro-batches per optimizer step
+    total: int  # sequences per optimizer step over all processes
+    steps_per_epoch: int
+    steps: int
+
+
+class Train(Stage):
+    """Every process of the launcher trains (no units); process 0 writes the plot and the marker, then removes
+    the checkpoints (after the marker: a kill during the removal leaves a finished stage)."""
+
+    name = schema.TRAIN_STAGE
+
+    def __init__(self, model: str, data: str | Path, folder: str | Path, options: TrainOptions,
+                 model_options: ModelOptions) -> None:  # fmt: skip
+        super().__init__(folder, options)
+        self.model, self.data, self.model_options = model, data, model_options
+        self.checkpoints = self.folder / schema.CHECKPOINTS
+
+    @property
+    def output(self) -> Path:
+        return self.folder / schema.MODEL_DIR
+
+    def fingerprint(self) -> Fingerprint:
+        inputs = {"model": model_identity(self.model), "data": file_identity(self.data, "training data")}
+        return stage_fingerprint(self.name, inputs, self.options, self.model_options)
+
+    def compute(self, fingerprint: Fingerprint) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        rows = load_rows(self.data)
+        if len({row["loss_scale"] for row in rows}) != 1:
+            raise PipelineError(f"{self.data}: rows disagree on loss_scale")
+        ensure_distributed()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        checkpoint_fingerprint = fingerprint.with_layout(processes=world)
+        resume = checkpoint_to_resume(self.checkpoints, checkpoint_fingerprint, discard=rank == 0)
+        dist.barrier()
+        device = default_device()
+        bf16 = self.options.precision == "bf16" or (self.options.precision == "auto" and device.type == "cuda")
+        config = deepspeed_config(self.options, world, bf16)
+        schedule = self.schedule(config, len(rows), world)
+        torch.manual_seed(self.options.seed)
+        tokenizer = chat.load_tokenizer(self.model, trust_remote_code=self.model_options.trust_remote_code)
+        engine = self.engine(config, device, schedule.steps)
+        start, metrics = self.resume(engine, resume, schedule.steps)
+        self.loop(engine, rows, schedule, start, metrics, tokenizer.pad_token_id, checkpoint_fingerprint)
+        save_model(engine, tokenizer, self.output)
+        engine.destroy()
+        return {"metrics": metrics, "schedule": schedule, "processes": world, "deepspeed_config": config}
+
+    def schedule(self, config: dict[str, Any], rows: int, world: int) -> Schedule:
+        """The batch sizes of the DeepSpeed ``config`` and the number of optimizer steps over ``rows`` sequences."""
+        keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+        micro, accumulation, total = (config[key] for key in keys)
+        if rows < total:
+            raise PipelineError(f"{rows} training sequences are fewer than one global batch ({total})")
+        per_epoch = rows // total
+        return Schedule(micro, accumulation, total, per_epoch, per_epoch * self.options.num_epochs)
+
+    def engine(self, config: dict[str, Any], device: torch.device, steps: int) -> Any:
+        """π_t in the training dtype, wrapped by ``deepspeed.initialize`` with RMSprop and the lr schedule (unless
+        the config brings its own); under ZeRO-3 the model is built partitioned (``HfDeepSpeedConfig``)."""
+        import deepspeed
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        options = self.options
+        zero3_config = HfDeepSpeedConfig(config) if config["zero_optimization"]["stage"] == 3 else None
+        try:
+            model = load_causal_lm(self.model, self.model_options, device=device, dtype=model_dtype(config))
+            model.config.use_cache = False
+            if options.gradient_checkpointing:
+                enable_activation_checkpointing(model)
+            optimizer = (
+                None if "optimizer" in config else torch.optim.RMSprop(model.parameters(), options.learning_rate)
+            )
+            factor = warmup_linear_decay(steps, options.warmup_ratio)
+            scheduler = None if "scheduler" in config else (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
+            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        finally:
+            del zero3_config
+            unset_hf_deepspeed_config()
+        return engine
+
+    def resume(self, engine: Any, state: dict[str, Any] | None, steps: int) -> tuple[int, list[dict[str, Any]]]:
+        """(first step, metrics so far): from the checkpoint ``state`` names, or (0, [])."""
+        if state is None:
+            return 0, []
+        _, client_state = engine.load_checkpoint(str(self.checkpoints), tag=state["tag"])
+        start = int(client_state["step"])
+        path = schema.METRICS.path(self.folder)
+        metrics = [m for m in read_jsonl(path) if m["step"] <= start] if path.is_file() else []
+        if distributed.rank() == 0:
+            print(f"[{self.name}] resuming from {self.checkpoints / state['tag']} (step {start}/{steps})")
+        return start, metrics
+
+    def loop(self, engine: Any, rows: list[dict[str, Any]], schedule: Schedule, start: int,
+             metrics: list[dict[str, Any]], pad_id: int, checkpoint_fingerprint: Fingerprint) -> None:  # fmt: skip
+        """Optimizer steps ``start`` … ``schedule.steps − 1``, appending to ``metrics`` (and ``metrics.jsonl``)."""
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device, options = default_device(), self.options
+        engine.train()
+        with tqdm(total=schedule.steps, initial=start, desc=self.name, disable=None if rank == 0 else True) as bar:
+            for step in range(start, schedule.steps):
+                epoch, in_epoch = divmod(step, schedule.steps_per_epoch)
+                order = epoch_order(rows, options.seed, epoch)
+                started, lr = time.perf_counter(), float(engine.get_lr()[0])
+                sums = torch.zeros(len(STATS), device=device)
+                for m in range(schedule.accumulation):
+                    picked = micro_batch(order, in_epoch, m, rank, world, schedule.micro, schedule.accumulation)
+                    sums += _step(engine, [rows[i] for i in picked], pad_id, device, options.eta,
+                                  self.model_options.kernel_backend)  # fmt: skip
+                dist.all_reduce(sums)
+                record = step_record(dict(zip(STATS, sums.tolist(), strict=True)), step, epoch, lr,
+                                     engine.get_global_grad_norm(), time.perf_counter() - started)  # fmt: skip
+                metrics.append(record)
+                if rank == 0:
+                    write_jsonl(schema.METRICS.path(self.folder), metrics)
+                bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{lr:.2e}")
+                bar.update(1)
+                if (step + 1) % options.save_steps == 0 and step + 1 < schedule.steps:
+                    save_checkpoint(engine, self.checkpoints, step + 1, checkpoint_fingerprint)
+
+    def finish(self, computed: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        metrics, schedule = computed["metrics"], computed["schedule"]
+        plot_loss(metrics, self.folder / schema.LOSS_PLOT)
+        counts = {
+            "steps": schedule.steps,
+            "sequences_per_step": schedule.total,
+            "processes": computed["processes"],
+            "first_loss": metrics[0]["loss"],
+            "last_loss": metrics[-1]["loss"],
+            "deepspeed_config": computed["deepspeed_config"],
+        }
+        report = (
+            f"{schedule.steps} steps x {schedule.total} sequences on {counts['processes']} process(es), loss "
+            f"{counts['first_loss']:.4g} -> {counts['last_loss']:.4g}"
+        )
+        return counts, report
+
+    def finished(self) -> None:
+        if not self.options.keep_checkpoints:
+            remove_tree(self.checkpoints)
+
+
 def run_train(
     model_path: str,
     data_path: str | Path,
@@ -378,126 +545,5 @@ def run_train(
     model_options: ModelOptions | None = None,
 ) -> Path:
     """Train π_t (``model_path``) on ``train_data.parquet``; returns the folder of π_{t+1}. Resumes from
-    ``out_dir/checkpoints`` when a previous attempt with the same fingerprint was interrupted.
-    """
-    import deepspeed
-    import torch.distributed as dist
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
-
-    model_options = model_options or ModelOptions()
-    out_dir = Path(out_dir)
-    started = time.perf_counter()
-    inputs = {"model": model_identity(model_path), "data": file_identity(data_path, "training data")}
-    fp = stage_fingerprint(STAGE, inputs, options, model_options)
-    model_dir = out_dir / schema.MODEL_DIR
-    if begin_stage(out_dir, STAGE, fp) is not None:
-        return model_dir
-    rows = load_rows(data_path)
-    if len({row["loss_scale"] for row in rows}) != 1:
-        raise PipelineError(f"{data_path}: rows disagree on loss_scale")
-    ensure_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    checkpoints = out_dir / schema.CHECKPOINTS
-    checkpoint_fingerprint = fp.with_layout(processes=world)
-    resume = checkpoint_to_resume(checkpoints, checkpoint_fingerprint, discard=rank == 0)
-    dist.barrier()
-    device = default_device()
-    bf16 = options.precision == "bf16" or (options.precision == "auto" and device.type == "cuda")
-    config = deepspeed_config(options, world, bf16)
-    micro, gas, total = (
-        config[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
-    )
-    steps_per_epoch = len(rows) // total
-    total_steps = steps_per_epoch * options.num_epochs
-    if total_steps == 0:
-        raise PipelineError(f"{len(rows)} training sequences are fewer than one global batch ({total})")
-    torch.manual_seed(options.seed)
-    tokenizer = chat.load_tokenizer(model_path, trust_remote_code=model_options.trust_remote_code)
-    zero3_config = HfDeepSpeedConfig(config) if config["zero_optimization"]["stage"] == 3 else None
-    try:
-        model = load_causal_lm(model_path, model_options, device=device, dtype=model_dtype(config))
-        model.config.use_cache = False
-        if options.gradient_checkpointing:
-            enable_activation_checkpointing(model)
-        optimizer = None if "optimizer" in config else torch.optim.RMSprop(model.parameters(), lr=options.learning_rate)
-        factor = warmup_linear_decay(total_steps, options.warmup_ratio)
-        scheduler = None if "scheduler" in config else (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor))
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
-    finally:
-        del zero3_config
-        unset_hf_deepspeed_config()
-    pad_id = tokenizer.pad_token_id
-    start_step = 0
-    metrics: list[dict[str, Any]] = []
-    if resume is not None:
-        _, client_state = engine.load_checkpoint(str(checkpoints), tag=resume["tag"])
-        start_step = int(client_state["step"])
-        if schema.METRICS.path(out_dir).is_file():
-            metrics = [m for m in read_jsonl(schema.METRICS.path(out_dir)) if m["step"] <= start_step]
-        if rank == 0:
-            print(f"[train] resuming from {checkpoints / resume['tag']} (step {start_step}/{total_steps})")
-    engine.train()
-    with tqdm(total=total_steps, initial=start_step, desc="train", disable=None if rank == 0 else True) as bar:
-        for step in range(start_step, total_steps):
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            order = epoch_order(rows, options.seed, epoch)
-            step_started = time.perf_counter()
-            lr = float(engine.get_lr()[0])
-            sums = torch.zeros(len(STATS), device=device)
-            for m in range(gas):
-                batch = [rows[i] for i in micro_batch(order, in_epoch, m, rank, world, micro, gas)]
-                sums += _step(engine, batch, pad_id, device, options.eta, model_options.backend)
-            dist.all_reduce(sums)
-            total_of = dict(zip(STATS, sums.tolist(), strict=True))
-            grad_norm = engine.get_global_grad_norm()
-            record = {
-                "step": step + 1,
-                "epoch": epoch,
-                **{key: total_of[key] / total_of["sequences"] for key in ("loss", "log_ratio", "policy_logp")},
-                **{
-                    key: total_of[key] / total_of[group] if total_of[group] else None
-                    for key, group in (("log_ratio_up", "up"), ("log_ratio_down", "down"))
-                },
-                "lr": lr,
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "sequences": int(total_of["sequences"]),
-                "tokens": int(total_of["tokens"]),
-                "seconds": round(time.perf_counter() - step_started, 3),
-            }
-            metrics.append(record)
-            if rank == 0:
-                write_jsonl(schema.METRICS.path(out_dir), metrics)
-            bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{lr:.2e}")
-            bar.update(1)
-            if (step + 1) % options.save_steps == 0 and step + 1 < total_steps:
-                save_checkpoint(engine, checkpoints, step + 1, checkpoint_fingerprint)
-    save_model(engine, tokenizer, model_dir)
-    if rank == 0:
-        plot_loss(metrics, out_dir / schema.LOSS_PLOT)
-        counts = {
-            "steps": total_steps,
-            "sequences_per_step": total,
-            "processes": world,
-            "first_loss": metrics[0]["loss"],
-            "last_loss": metrics[-1]["loss"],
-            "deepspeed_config": config,
-        }
-        report = (
-            f"{total_steps} steps x {total} sequences on {world} process(es), loss "
-            f"{counts['first_loss']:.4g} -> {counts['last_loss']:.4g}"
-        )
-        finish_stage(
-            out_dir,
-            STAGE,
-            counts,
-            fingerprint=fp,
-            started=started,
-            options=options,
-            report=report,
-            output=model_dir,
-        )
-        if not options.keep_checkpoints:  # after the marker: a kill during the removal leaves a finished stage
-            remove_tree(checkpoints)
-    dist.barrier()
-    engine.destroy()
-    return model_dir
+    ``out_dir/checkpoints`` when a previous attempt with the same fingerprint was interrupted."""
+    return run_stage(Train(model_path, data_path, out_dir, options, model_options or ModelOptions()))

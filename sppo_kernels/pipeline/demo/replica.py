@@ -3,9 +3,9 @@
 The paper trains a policy for 3 iterations on disjoint prompt splits with PairRM as the judge, then measures the
 win rate of each iteration against a fixed baseline with GPT-4 as the judge (AlpacaEval 2.0). Here:
 
-- the prompts are a small synthetic world (:mod:`sppo_kernels.pipeline.gold`): 48 topics × 16 instructions,
+- the prompts are a small synthetic world (:mod:`sppo_kernels.pipeline.demo.gold`): 48 topics × 16 instructions,
   split into held-out eval prompts and one disjoint split per iteration;
-- GPT-4's role is played by a hidden **gold rule** (:func:`sppo_kernels.pipeline.gold.gold_score`: friendly and
+- GPT-4's role is played by a hidden **gold rule** (:func:`sppo_kernels.pipeline.demo.gold.gold_score`: friendly and
   relevant beats dismissive and rambling);
 - PairRM's role is played by a tiny PairRM in llm-blender's format, loaded through the real llm-blender code and
   trained for a short time, with llm-blender's own pairwise loss, on pairs labelled by the gold rule: an
@@ -22,10 +22,9 @@ stage and the model-card tables. See docs/evaluation.md for the settings and mea
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,25 +32,21 @@ from typing import Any
 
 import numpy as np
 
-from sppo_kernels.pipeline import chat
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.evaluate import EVAL_JSON, PLOT, TABLE, EvalOptions, evaluate, run_policies
-from sppo_kernels.pipeline.generate import GenerateOptions
-from sppo_kernels.pipeline.gold import GoldJudge, base_response, gold_score, world_prompts
-from sppo_kernels.pipeline.rank import RankOptions, apply_transformers5_shims
-from sppo_kernels.pipeline.reflogps import RefLogpsOptions
-from sppo_kernels.pipeline.run import PipelineOptions, RunOptions, run_pipeline
-from sppo_kernels.pipeline.store import atomic_path, write_jsonl
-from sppo_kernels.pipeline.train import TrainOptions
+from sppo_kernels.pipeline.core import schema
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.store import atomic_path, write_jsonl
+from sppo_kernels.pipeline.demo.assets import END_OF_TURN, build_pairrm, build_policy, gold_pairs, load_ranker_from
+from sppo_kernels.pipeline.demo.gold import GoldJudge, base_response, world_prompts
+from sppo_kernels.pipeline.evaluation.evaluate import EvalOptions, evaluate, run_policies
+from sppo_kernels.pipeline.evaluation.report import judge_table
+from sppo_kernels.pipeline.models import chat
+from sppo_kernels.pipeline.models.judge import RankOptions
+from sppo_kernels.pipeline.models.sampling import GenerateOptions
+from sppo_kernels.pipeline.run import run_pipeline
+from sppo_kernels.pipeline.stages.reflogps import RefLogpsOptions
+from sppo_kernels.pipeline.stages.train import TrainOptions
+from sppo_kernels.pipeline.table import PipelineOptions, RunOptions
 
-END_OF_TURN = "<|end|>"
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}" + END_OF_TURN + "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-PAIRRM_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-# llm-blender's PairRM collator adds these; having them in the vocabulary avoids an embedding resize at load.
-PAIRRM_PREFIXES = ["<|source|>", "<|candidate1|>", "<|candidate2|>", "<|candidate|>"]
 JUDGE_TITLES = {
     "pairrm": "proxy judge: the tiny PairRM that guided training",
     "gold": "gold judge: the hidden rule (AlpacaEval's GPT-4 role)",
@@ -114,66 +109,13 @@ def corpus(prompts: Sequence[str], seed: int, per_prompt: int = 4) -> list[str]:
 # --------------------------------------------------------------------------------------------- the policy
 
 
-def build_policy_tokenizer(texts: Sequence[str], vocab_size: int = 384) -> Any:
-    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (deterministic), with a chat template
-    ending turns in ``<|end|>`` (the EOS token)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<s>", END_OF_TURN, "<|user|>", "<|assistant|>", "<|system|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token=END_OF_TURN, pad_token="<pad>", model_max_length=4096
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def build_policy(
-    folder: str | Path,
-    texts: Sequence[str],
-    *,
-    arch: str = "llama",
-    seed: int = 0,
-    vocab_size: int = 384,
-    **model_options: Any,
-) -> Path:
-    """Save a tiny random policy (``arch``: llama or gemma2) with its tokenizer to ``folder``; ``model_options``
-    go to the model config (e.g. ``hidden_size``)."""
-    from sppo_kernels.tiny_models import tiny_causal_lm
-
-    tokenizer = build_policy_tokenizer(texts, vocab_size)
-    ids = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id}
-    model = tiny_causal_lm(
-        arch,
-        vocab_size=len(tokenizer),
-        seed=seed,
-        eos_token_id=tokenizer.eos_token_id,
-        max_position_embeddings=512,
-        **ids,
-        **model_options,
-    )
-    model.generation_config.update(eos_token_id=tokenizer.eos_token_id, **ids)
-    folder = Path(folder)
-    with atomic_path(folder) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return folder
-
-
 def warm_start(source: str | Path, folder: str | Path, prompts: Sequence[str], config: DemoConfig) -> dict[str, float]:
     """Supervised fit of the policy in ``source`` on fresh base-behaviour responses to ``prompts`` (AdamW, linear
     decay), saved to ``folder``: the demo's "instruction-tuned base model". Returns the first and last losses."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sppo_kernels.pipeline.modeling import pad_batch
+    from sppo_kernels.pipeline.models.policy import pad_batch
 
     tokenizer = chat.load_tokenizer(str(source))
     torch.manual_seed(config.seed)
@@ -206,133 +148,6 @@ def warm_start(source: str | Path, folder: str | Path, prompts: Sequence[str], c
 
 
 # --------------------------------------------------------------------------------------------- the proxy PairRM
-
-
-def wordpiece_vocab(texts: Sequence[str], vocab_size: int) -> dict[str, int]:
-    """A deterministic WordPiece vocabulary: the special tokens, every character (alone and as ``##c``), then
-    the most frequent words (ties by spelling). ``tokenizers``' WordPiece trainer is not used: its result depends
-    on hash-map order, which changes from process to process."""
-    from tokenizers import normalizers, pre_tokenizers
-
-    normalizer = normalizers.BertNormalizer(lowercase=True)
-    splitter = pre_tokenizers.BertPreTokenizer()
-    counts: Counter[str] = Counter()
-    for text in texts:
-        counts.update(piece for piece, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
-    chars = sorted({c for word in counts for c in word})
-    tokens = [*PAIRRM_SPECIALS, *chars, *(f"##{c}" for c in chars)]
-    words = [w for w, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if len(w) > 1]
-    tokens += words[: max(0, vocab_size - len(tokens))]
-    return {token: index for index, token in enumerate(tokens)}
-
-
-def build_pairrm(
-    folder: str | Path,
-    texts: Sequence[str],
-    *,
-    seed: int = 0,
-    vocab_size: int = 512,
-    hidden_size: int = 32,
-    layers: int = 2,
-    source_max_length: int = 96,
-    candidate_max_length: int = 96,
-) -> Path:
-    """Save a tiny random PairRM in llm-blender's ranker format to ``folder``.
-
-    Layout: ``config.json`` (ranker config; ``model_name`` is the relative ``backbone`` folder),
-    ``model.safetensors`` (the ``CrossCompareReranker``) and ``backbone/`` (DeBERTa-v2 config, weights, a
-    WordPiece tokenizer with a deterministic vocabulary that already holds llm-blender's prefix tokens). The
-    comparison head is initialised at unit scale so that scores are O(1).
-    """
-    import safetensors.torch
-    import torch
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import DebertaV2Config, DebertaV2Model, PreTrainedTokenizerFast
-
-    apply_transformers5_shims()
-    from llm_blender.blender.blender_utils import load_ranker
-    from llm_blender.pair_ranker.config import RankerConfig
-
-    tok = Tokenizer(models.WordPiece(wordpiece_vocab(texts, vocab_size), unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        model_max_length=512,
-    )
-    tokenizer.add_tokens(PAIRRM_PREFIXES)
-    folder = Path(folder)
-    ranker_config = {
-        "ranker_type": "pairranker",
-        "model_type": "deberta",
-        "model_name": "backbone",
-        "source_maxlength": source_max_length,
-        "candidate_maxlength": candidate_max_length,
-        "n_tasks": 1,
-        "drop_out": 0.05,
-        "fp16": False,
-        "inference_mode": "full",
-    }
-    with atomic_path(folder) as tmp:
-        backbone = tmp / "backbone"
-        tokenizer.save_pretrained(backbone)
-        torch.manual_seed(seed)
-        config = DebertaV2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            intermediate_size=2 * hidden_size,
-            max_position_embeddings=512,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        DebertaV2Model(config).save_pretrained(backbone)
-        ranker, _, _ = load_ranker(RankerConfig.from_dict({**ranker_config, "model_name": str(backbone)}))
-        for layer in ranker.head_layer:
-            if isinstance(layer, torch.nn.Linear):
-                torch.nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
-        safetensors.torch.save_model(ranker, str(tmp / "model.safetensors"))
-        (tmp / "config.json").write_text(json.dumps(ranker_config, indent=2) + "\n")
-    return folder
-
-
-def gold_pairs(prompts: Sequence[str], count: int, rng: np.random.Generator) -> list[tuple[str, str, str, int, int]]:
-    """``count`` (prompt, a, b, gold(a), gold(b)) of two base-behaviour responses with different gold scores."""
-    pairs = []
-    while len(pairs) < count:
-        prompt = prompts[int(rng.integers(len(prompts)))]
-        a, b = base_response(rng, prompt), base_response(rng, prompt)
-        score_a, score_b = gold_score(prompt, a), gold_score(prompt, b)
-        if score_a != score_b:
-            pairs.append((prompt, a, b, score_a, score_b))
-    return pairs
-
-
-def load_ranker_from(folder: Path) -> tuple[Any, Any]:
-    """The ``CrossCompareReranker`` and collator of a PairRM folder, through llm-blender's ``load_ranker``."""
-    from sppo_kernels.pipeline.quiet import silence_third_party
-
-    silence_third_party()
-    apply_transformers5_shims()
-    from llm_blender.blender.blender_utils import load_ranker
-    from llm_blender.pair_ranker.config import RankerConfig
-
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    ranker, _, collator = load_ranker(
-        RankerConfig.from_dict(
-            {**config, "model_name": str(folder / config["model_name"]), "load_checkpoint": str(folder)}
-        )
-    )
-    return ranker, collator
 
 
 def train_pairrm(
@@ -424,6 +239,58 @@ def replica_options(config: DemoConfig, ranker: str | Path, eval_prompts: str | 
     )
 
 
+def base_policy(assets: Path, texts: Sequence[str], prompts: Sequence[str], config: DemoConfig, arch: str,
+                say: Callable[[str], None]) -> Path:  # fmt: skip
+    """The demo's base policy in ``assets`` (built and warm-started once)."""
+    policy = assets / f"policy-{arch}"
+    if policy.is_dir():
+        return policy
+    started = time.perf_counter()
+    random_policy = build_policy(
+        assets / f"random-policy-{arch}",
+        texts,
+        arch=arch,
+        seed=config.seed,
+        vocab_size=config.policy_vocab_size,
+        hidden_size=config.policy_hidden_size,
+        intermediate_size=2 * config.policy_hidden_size,
+        num_hidden_layers=config.policy_layers,
+    )
+    fit = warm_start(random_policy, policy, prompts, config)
+    shutil.rmtree(random_policy)
+    say(
+        f"[demo] base policy: tiny {arch} (hidden {config.policy_hidden_size}), warm-started on the base "
+        f"behaviour, loss {fit['first_loss']:.2f} -> {fit['last_loss']:.2f}, {time.perf_counter() - started:.0f}s"
+    )
+    return policy
+
+
+def proxy_pairrm(assets: Path, texts: Sequence[str], prompts: Sequence[str], config: DemoConfig,
+                 say: Callable[[str], None]) -> Path:  # fmt: skip
+    """The demo's proxy judge in ``assets`` (built and trained on gold-labelled pairs once)."""
+    ranker = assets / "pairrm"
+    if ranker.is_dir():
+        return ranker
+    started = time.perf_counter()
+    random_ranker = build_pairrm(
+        assets / "random-pairrm",
+        texts,
+        seed=config.seed,
+        hidden_size=config.pairrm_hidden_size,
+        layers=config.pairrm_layers,
+        source_max_length=32,
+        candidate_max_length=48,
+    )
+    fit = train_pairrm(random_ranker, ranker, prompts, config)
+    shutil.rmtree(random_ranker)
+    say(
+        f"[demo] proxy PairRM: trained on {config.pairrm_steps * config.pairrm_batch_size} gold-labelled pairs, "
+        f"agrees with the gold rule on {100 * fit['agreement']:.0f}% of held-out pairs, "
+        f"{time.perf_counter() - started:.0f}s"
+    )
+    return ranker
+
+
 def run_replica(
     out: str | Path, config: DemoConfig, *, arch: str = "llama", say: Callable[[str], None] = print
 ) -> list[dict[str, Any]]:
@@ -433,52 +300,17 @@ def run_replica(
 
     out = Path(out)
     train_prompts, eval_prompts = demo_splits(config)
-    data = out / "data"
+    data = out / schema.DEMO_DATA
     prompts_file, eval_file = data / "train_prompts.jsonl", data / "eval_prompts.jsonl"
     write_jsonl(prompts_file, [{"prompt": p} for p in train_prompts])
     write_jsonl(eval_file, [{"prompt": p} for p in eval_prompts])
     texts = corpus(train_prompts + eval_prompts, config.seed)
-    assets = out / "assets"
-    policy, ranker = assets / f"policy-{arch}", assets / "pairrm"
-    if not policy.is_dir():
-        started = time.perf_counter()
-        random_policy = build_policy(
-            assets / f"random-policy-{arch}",
-            texts,
-            arch=arch,
-            seed=config.seed,
-            vocab_size=config.policy_vocab_size,
-            hidden_size=config.policy_hidden_size,
-            intermediate_size=2 * config.policy_hidden_size,
-            num_hidden_layers=config.policy_layers,
-        )
-        fit = warm_start(random_policy, policy, train_prompts, config)
-        shutil.rmtree(random_policy)
-        say(
-            f"[demo] base policy: tiny {arch} (hidden {config.policy_hidden_size}), warm-started on the base "
-            f"behaviour, loss {fit['first_loss']:.2f} -> {fit['last_loss']:.2f}, {time.perf_counter() - started:.0f}s"
-        )
-    if not ranker.is_dir():
-        started = time.perf_counter()
-        random_ranker = build_pairrm(
-            assets / "random-pairrm",
-            texts,
-            seed=config.seed,
-            hidden_size=config.pairrm_hidden_size,
-            layers=config.pairrm_layers,
-            source_max_length=32,
-            candidate_max_length=48,
-        )
-        fit = train_pairrm(random_ranker, ranker, train_prompts, config)
-        shutil.rmtree(random_ranker)
-        say(
-            f"[demo] proxy PairRM: trained on {config.pairrm_steps * config.pairrm_batch_size} gold-labelled pairs, "
-            f"agrees with the gold rule on {100 * fit['agreement']:.0f}% of held-out pairs, "
-            f"{time.perf_counter() - started:.0f}s"
-        )
+    assets = out / schema.DEMO_ASSETS
+    policy = base_policy(assets, texts, train_prompts, config, arch, say)
+    ranker = proxy_pairrm(assets, texts, train_prompts, config, say)
     torch.manual_seed(config.seed)
     options = replica_options(config, ranker, eval_file)
-    run_dir = out / "run"
+    run_dir = out / schema.DEMO_RUN
     run_pipeline(str(policy), str(prompts_file), run_dir, options)
     return evaluate(
         run_policies(str(policy), run_dir, config.iterations),
@@ -493,26 +325,11 @@ def run_replica(
     )
 
 
-def judge_tables(markdown: str) -> dict[str, list[str]]:
-    """The table lines of each judge in an eval.md file."""
-    tables: dict[str, list[str]] = {}
-    judge = None
-    for line in markdown.splitlines():
-        if line.startswith("judge: "):
-            judge = line[len("judge: ") :].split(",")[0]
-            tables[judge] = []
-        elif line.startswith("|") and judge is not None:
-            tables[judge].append(line)
-    return tables
-
-
 def run_demo(out: str | Path, *, arch: str = "llama", iterations: int = 3, config: DemoConfig | None = None) -> Path:
     """``sppo-train demo``: the replica with the console story; returns the folder holding eval.json."""
-    import dataclasses
-
     import torch
 
-    from sppo_kernels.pipeline.quiet import silence_third_party, story_console
+    from sppo_kernels.pipeline.demo.console import silence_third_party, story_console
 
     config = dataclasses.replace(config or DemoConfig(), iterations=iterations)
     out = Path(out)
@@ -520,28 +337,29 @@ def run_demo(out: str | Path, *, arch: str = "llama", iterations: int = 3, confi
     started = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tensors this small run fastest on one thread
+    log, run_dir = out / schema.DEMO_LOG, out / schema.DEMO_RUN
     try:
-        with story_console(out / "demo.log") as console:
+        with story_console(log) as console:
 
             def say(line: str) -> None:
                 print(line, file=console, flush=True)
 
             say(
                 f"=== sppo-train demo: SPPO on a CPU-size replica of the paper's experiment ({config.iterations} "
-                "iterations, tiny models, hidden gold judge, nothing downloaded); third-party output: "
-                f"{out / 'demo.log'}"
+                f"iterations, tiny models, hidden gold judge, nothing downloaded); third-party output: {log}"
             )
             silence_third_party()
-            run_replica(out, config, arch=arch, say=say)
-            run_dir = out / "run"
-            tables = judge_tables((run_dir / TABLE).read_text(encoding="utf-8"))
+            rows = run_replica(out, config, arch=arch, say=say)
             for judge in ("pairrm", "gold"):
                 say(f"\n{JUDGE_TITLES[judge]}")
-                say("\n".join(tables[judge]))
+                say("\n".join(judge_table(rows, judge)))
             say(f"\n=== demo finished in {time.perf_counter() - started:.0f}s")
-            say(f"    results: {run_dir / EVAL_JSON} (tables: {run_dir / TABLE}, plot: {run_dir / PLOT})")
-            say(f"    iterations: {run_dir}/iter<t>/ (model/ = the policy after iteration t)")
-            say(f"    assets: {out / 'assets'}; third-party output: {out / 'demo.log'}")
+            say(
+                f"    results: {schema.EVAL_JSON.path(run_dir)} (tables: {run_dir / schema.EVAL_TABLE}, plot: "
+                f"{run_dir / schema.EVAL_PLOT})"
+            )
+            say(f"    iterations: {run_dir}/iter<t>/ ({schema.MODEL_DIR}/ = the policy after iteration t)")
+            say(f"    assets: {out / schema.DEMO_ASSETS}; third-party output: {log}")
     finally:
         torch.set_num_threads(threads)
     return run_dir

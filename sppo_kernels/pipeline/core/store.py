@@ -7,11 +7,10 @@ process leaves either the previous state or the complete new one, plus at most a
 that nothing reads (trash is swept by the next stage in that folder). A stage counts as finished only once its
 marker exists, and the marker is written after all of the stage's outputs.
 
-Work is reused only when its fingerprint (:mod:`~sppo_kernels.pipeline.fingerprint`) equals the current one:
-a stage calls :func:`begin_stage` first (skips a finished stage with the same fingerprint), passes its
-fingerprint to :func:`run_units` and :func:`finish_stage`; work made with another fingerprint (or none: an
-older version) is refused with :class:`StaleWorkError`, or discarded and recomputed when the fingerprint says
-``discard_stale`` (:func:`settle_stale`).
+Work is reused only when its fingerprint (:mod:`~sppo_kernels.pipeline.core.fingerprint`) equals the current one
+(the stage protocol, :mod:`~sppo_kernels.pipeline.core.stage`, checks markers; :func:`run_units` checks units);
+work made with another fingerprint (or none: an older version) is refused with :class:`StaleWorkError`, or
+discarded and recomputed when the fingerprint says ``discard_stale`` (:func:`settle_stale`).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,10 +27,10 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.fingerprint import Fingerprint, canonical
-from sppo_kernels.pipeline.options import opt, to_record
-from sppo_kernels.pipeline.schema import marker_path
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.fingerprint import Fingerprint, canonical
+from sppo_kernels.pipeline.core.options import opt
+from sppo_kernels.pipeline.core.schema import marker_path
 
 T = TypeVar("T")
 UNIT_TRAILER = "_unit"  # the last line of a unit file: {"_unit": {"rows": n, "fingerprint": digest}}
@@ -209,49 +207,6 @@ def settle_stale(
     print(f"discarding: {why}", flush=True)
     discard()
     return False
-
-
-def begin_stage(
-    folder: str | os.PathLike[str], stage: str, fingerprint: Fingerprint, *, quiet: bool = False
-) -> dict[str, Any] | None:
-    """Call first in a stage writing into ``folder``: refuse an output folder that cannot be written, sweep
-    leftover trash, and return the summary of a finished ``stage`` with the same fingerprint (the caller skips
-    the work; a line says so unless ``quiet``) or None (run it). A finished stage with another fingerprint is
-    settled by :func:`settle_stale`."""
-    check_out_dir(folder)
-    sweep_trash(folder)
-    summary = stage_summary(folder, stage)
-    if summary is None:
-        return None
-    path = marker_path(folder, stage)
-    if settle_stale(
-        f"the finished {stage} stage in {folder}", summary.get("fingerprint"), fingerprint, lambda: remove_tree(path)
-    ):
-        if not quiet:
-            print(f"[{stage}] finished earlier in {folder}; skipping", flush=True)
-        return summary
-    return None
-
-
-def finish_stage(
-    folder: str | os.PathLike[str],
-    stage: str,
-    summary: dict[str, Any],
-    *,
-    fingerprint: Fingerprint,
-    started: float,
-    options: Any,
-    report: str,
-    output: str | os.PathLike[str],
-) -> dict[str, Any]:
-    """Mark ``stage`` finished in ``folder`` with ``summary`` plus the ``seconds`` since ``started``
-    (``time.perf_counter()``), its ``options`` and its ``fingerprint`` record, and print its one-line report
-    ``[stage] report, <seconds>s -> output``. Call after all outputs are in place; returns what was stored."""
-    seconds = round(time.perf_counter() - started, 2)
-    summary = {**summary, "seconds": seconds, "options": to_record(options), "fingerprint": fingerprint.record}
-    mark_done(folder, stage, summary)
-    print(f"[{stage}] {report}, {summary['seconds']}s -> {output}")
-    return summary
 
 
 def _unit_path(folder: Path, index: int) -> Path:

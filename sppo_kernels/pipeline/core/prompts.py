@@ -23,10 +23,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.fingerprint import looks_like_hub_name
-from sppo_kernels.pipeline.options import at_least, opt
-from sppo_kernels.pipeline.store import read_json, read_jsonl
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.fingerprint import looks_like_hub_name
+from sppo_kernels.pipeline.core.options import at_least, opt
+from sppo_kernels.pipeline.core.store import read_json, read_jsonl
 
 SUFFIXES = (".jsonl", ".json", ".txt")
 

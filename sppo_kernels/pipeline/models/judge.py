@@ -1,16 +1,14 @@
-"""Stage 2: compare the K responses of every prompt pairwise with a judge (PairRM by default).
+"""Pairwise judges: for n prompts with K candidates each, the logits that candidate i beats candidate j.
 
-Output ``rankings.jsonl``, one row per prompt: ``{"id": 3, "logits": K×K}``, where ``logits[i][j]`` is the judge's
-logit that response i beats response j (0 on the diagonal). Any :class:`PairwiseScorer` can replace PairRM.
+PairRM through llm-blender by default (:class:`PairRMScorer`); any object with the :class:`PairwiseScorer`
+method can replace it. :class:`RankOptions` holds the judge's settings; the rank stage and the evaluation use it.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +16,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from sppo_kernels.pipeline import schema
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.fingerprint import file_identity, looks_like_hub_name, stage_fingerprint
-from sppo_kernels.pipeline.options import at_least, opt
-from sppo_kernels.pipeline.prompts import Prompt
-from sppo_kernels.pipeline.store import begin_stage, chunks, finish_stage, read_rows, run_units, write_jsonl
-
-STAGE = "rank"
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.fingerprint import looks_like_hub_name
+from sppo_kernels.pipeline.core.options import at_least, opt
 
 
 @dataclass
@@ -144,52 +137,12 @@ def judge_identity(scorer: PairwiseScorer | None) -> dict[str, str]:
     return {"scorer": kind}
 
 
-def run_rank(
-    generations_path: str | Path,
-    out_dir: str | Path,
-    options: RankOptions,
-    *,
-    scorer: PairwiseScorer | None = None,
-) -> Path:
-    """Judge all responses of ``generations.jsonl``; returns the path of ``rankings.jsonl``."""
-    out_dir = Path(out_dir)
-    started = time.perf_counter()
-    inputs = {"generations": file_identity(generations_path), "judge": judge_identity(scorer)}
-    judged = options if scorer is None else dataclasses.replace(options, ranker=None)  # the scorer replaces it
-    fp = stage_fingerprint(STAGE, inputs, judged)
-    path = schema.RANKINGS.path(out_dir)
-    if begin_stage(out_dir, STAGE, fp) is not None:
-        return path
-    rows = read_rows(generations_path, schema.GENERATIONS.required)
-    if not rows:
-        raise PipelineError(f"{generations_path} holds no generations")
-    sizes = {len(row["responses"]) for row in rows}
-    if len(sizes) != 1 or min(sizes) < 2:
-        raise PipelineError(f"{generations_path}: every prompt needs the same number (>= 2) of responses, got {sizes}")
-    judge = scorer
-
-    def work(_index: int, shard: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        nonlocal judge
-        if judge is None:  # built lazily: a fully resumed stage loads no judge
-            judge = PairRMScorer(
-                options.ranker,
-                device=options.ranker_device,
-                batch_size=options.rank_batch_size,
-                source_max_length=options.source_max_length,
-                candidate_max_length=options.candidate_max_length,
-            )
-        texts = [Prompt.from_json(row).text for row in shard]
-        logits = judge.compare(texts, [row["responses"] for row in shard])
-        k = len(shard[0]["responses"])
-        if logits.shape != (len(shard), k, k):
-            raise PipelineError(f"the judge returned logits of shape {logits.shape}, expected {(len(shard), k, k)}")
-        return [{"id": row["id"], "logits": matrix.tolist()} for row, matrix in zip(shard, logits, strict=True)]
-
-    shards = chunks(rows, options.rank_shard_size)
-    units = schema.units_dir(out_dir, STAGE)
-    results = run_units(units, shards, work, fingerprint=fp, desc="rank", total=len(rows), weight=len)
-    write_jsonl(path, [row for shard in results for row in shard])
-    report = f"{len(rows)} prompts judged pairwise"
-    counts = {"prompts": len(rows)}
-    finish_stage(out_dir, STAGE, counts, fingerprint=fp, started=started, options=options, report=report, output=path)
-    return path
+def pairrm(options: RankOptions) -> PairRMScorer:
+    """PairRM as ``options`` configure it."""
+    return PairRMScorer(
+        options.ranker,
+        device=options.ranker_device,
+        batch_size=options.rank_batch_size,
+        source_max_length=options.source_max_length,
+        candidate_max_length=options.candidate_max_length,
+    )

@@ -3,8 +3,8 @@
 ``cli`` makes one subcommand per entry of :data:`STAGES` (its inputs become required flags, its option groups
 become flags), and ``run`` runs the entries in order in each iteration folder, passing each input the file of
 the folder that the schema names (the model input: the current policy). Adding a stage: write its module (a
-``run_*`` function and an options dataclass), add its options group to :class:`PipelineOptions` and its
-:class:`Stage` to :data:`STAGES` here.
+:class:`~sppo_kernels.pipeline.core.stage.Stage`, its ``run_*`` function and its options dataclass), add its
+options group to :class:`PipelineOptions` and its :class:`StageSpec` to :data:`STAGES` here.
 """
 
 from __future__ import annotations
@@ -17,13 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sppo_kernels.pipeline import evaluate, generate, rank, reflogps, schema, targets, train
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.fingerprint import discarding_stale
-from sppo_kernels.pipeline.modeling import ModelOptions
-from sppo_kernels.pipeline.options import at_least, opt, to_argv
-from sppo_kernels.pipeline.prompts import PromptOptions, load_prompts
-from sppo_kernels.pipeline.store import ReuseOptions
+from sppo_kernels.pipeline.core import schema
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.fingerprint import discarding_stale
+from sppo_kernels.pipeline.core.options import at_least, opt, to_argv
+from sppo_kernels.pipeline.core.prompts import PromptOptions, load_prompts
+from sppo_kernels.pipeline.core.store import ReuseOptions
+from sppo_kernels.pipeline.evaluation.evaluate import EvalOptions
+from sppo_kernels.pipeline.models.judge import RankOptions
+from sppo_kernels.pipeline.models.policy import ModelOptions
+from sppo_kernels.pipeline.models.sampling import GenerateOptions, vllm_usable
+from sppo_kernels.pipeline.stages import generate, rank, reflogps, targets, train
 
 __all__ = [
     "COMMON_GROUPS",
@@ -32,7 +36,7 @@ __all__ = [
     "Input",
     "PipelineOptions",
     "RunOptions",
-    "Stage",
+    "StageSpec",
     "cli_command",
     "stage",
 ]
@@ -60,12 +64,12 @@ class PipelineOptions:
     reuse: ReuseOptions = field(default_factory=ReuseOptions)
     prompts: PromptOptions = field(default_factory=PromptOptions)
     model: ModelOptions = field(default_factory=ModelOptions)
-    generate: generate.GenerateOptions = field(default_factory=generate.GenerateOptions)
-    rank: rank.RankOptions = field(default_factory=rank.RankOptions)
+    generate: GenerateOptions = field(default_factory=GenerateOptions)
+    rank: RankOptions = field(default_factory=RankOptions)
     targets: targets.TargetsOptions = field(default_factory=targets.TargetsOptions)
     reflogps: reflogps.RefLogpsOptions = field(default_factory=reflogps.RefLogpsOptions)
     train: train.TrainOptions = field(default_factory=train.TrainOptions)
-    evaluate: evaluate.EvalOptions = field(default_factory=evaluate.EvalOptions)  # run-level, after the last iteration
+    evaluate: EvalOptions = field(default_factory=EvalOptions)  # run-level, after the last iteration
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ COMMON_GROUPS = ("reuse",)  # option groups of every stage (and of run): what to
 
 
 @dataclass(frozen=True)
-class Stage:
+class StageSpec:
     """One stage: its name (subcommand, marker), its inputs, the option groups it takes (besides
     :data:`COMMON_GROUPS`), its runner, and ``child(options)``: the command that runs it in a child process
     during ``run``, or None for in-process."""
@@ -173,7 +177,7 @@ def _train(i: Inputs, out: Path, o: PipelineOptions, scorer: Any) -> Path:
 def _generate_child(o: PipelineOptions) -> list[str] | None:
     """vLLM generates in a child process, which returns its GPU memory before the next stages."""
     backend = o.generate.generation_backend
-    return cli_command(None) if backend == "vllm" or (backend == "auto" and generate.vllm_usable()) else None
+    return cli_command(None) if backend == "vllm" or (backend == "auto" and vllm_usable()) else None
 
 
 def _train_child(o: PipelineOptions) -> list[str] | None:
@@ -183,23 +187,23 @@ def _train_child(o: PipelineOptions) -> list[str] | None:
 
 
 # fmt: off
-STAGES: tuple[Stage, ...] = (  # in the order run runs them
-    #     name            inputs                  option groups                     runner     child process
-    Stage(generate.STAGE, (MODEL, PROMPTS),       ("prompts", "model", "generate"), _generate, _generate_child,
-          help="sample K responses per prompt"),
-    Stage(rank.STAGE,     (GENERATIONS,),         ("rank",),                        _rank,
-          help="judge the responses pairwise (PairRM)"),
-    Stage(targets.STAGE,  (GENERATIONS, RANKINGS), ("targets",),                    _targets,
-          help="win-rate targets from the judge logits"),
-    Stage(reflogps.STAGE, (MODEL, TARGETS),       ("model", "reflogps"),            _reflogps,
-          help="tokenise and store log-probs under π_t"),
-    Stage(train.STAGE,    (MODEL, DATA),          ("model", "train"),               _train,    _train_child,
-          help="one SPPO epoch with DeepSpeed"),
+STAGES: tuple[StageSpec, ...] = (  # in the order run runs them
+    #         name                   inputs                  option groups                     runner
+    StageSpec(schema.GENERATE_STAGE, (MODEL, PROMPTS),       ("prompts", "model", "generate"), _generate,
+              child=_generate_child, help="sample K responses per prompt"),
+    StageSpec(schema.RANK_STAGE,     (GENERATIONS,),         ("rank",),                        _rank,
+              help="judge the responses pairwise (PairRM)"),
+    StageSpec(schema.TARGETS_STAGE,  (GENERATIONS, RANKINGS), ("targets",),                    _targets,
+              help="win-rate targets from the judge logits"),
+    StageSpec(schema.REFLOGPS_STAGE, (MODEL, TARGETS),       ("model", "reflogps"),            _reflogps,
+              help="tokenise and store log-probs under π_t"),
+    StageSpec(schema.TRAIN_STAGE,    (MODEL, DATA),          ("model", "train"),               _train,
+              child=_train_child, help="one SPPO epoch with DeepSpeed"),
 )
 # fmt: on
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
-def stage(name: str) -> Stage:
+def stage(name: str) -> StageSpec:
     """The stage called ``name``."""
     return next(s for s in STAGES if s.name == name)

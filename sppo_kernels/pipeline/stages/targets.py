@@ -17,7 +17,6 @@ sequence: ``{"id", "messages", "response", "response_index", "role", "target", "
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -26,13 +25,12 @@ import numpy as np
 import torch
 
 import sppo_kernels as sk
-from sppo_kernels.pipeline import schema
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.fingerprint import file_identity, stage_fingerprint
-from sppo_kernels.pipeline.options import at_least, opt
-from sppo_kernels.pipeline.store import begin_stage, finish_stage, read_rows, write_jsonl
-
-STAGE = "targets"
+from sppo_kernels.pipeline.core import schema
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.fingerprint import Fingerprint, file_identity, stage_fingerprint
+from sppo_kernels.pipeline.core.options import at_least, opt
+from sppo_kernels.pipeline.core.stage import Rows, Stage, run_stage
+from sppo_kernels.pipeline.core.store import read_rows, write_jsonl
 
 
 @dataclass
@@ -147,26 +145,40 @@ def build_targets(
     return rows, counts
 
 
+class Targets(Stage):
+    """One step, no units: read the generations and the judge logits, write the training sequences."""
+
+    name = schema.TARGETS_STAGE
+
+    def __init__(self, generations: str | Path, rankings: str | Path, folder: str | Path,
+                 options: TargetsOptions) -> None:  # fmt: skip
+        super().__init__(folder, options)
+        self.generations, self.rankings = generations, rankings
+
+    @property
+    def output(self) -> Path:
+        return schema.TARGETS.path(self.folder)
+
+    def fingerprint(self) -> Fingerprint:
+        inputs = {"generations": file_identity(self.generations), "rankings": file_identity(self.rankings)}
+        return stage_fingerprint(self.name, inputs, self.options)
+
+    def finish(self, computed: list[Rows]) -> tuple[dict[str, Any], str]:
+        generations = read_rows(self.generations, schema.GENERATIONS.required)
+        rows, counts = build_targets(generations, read_rows(self.rankings, schema.RANKINGS.required), self.options)
+        if not rows:
+            raise PipelineError(f"no training sequences left: {counts}")
+        write_jsonl(self.output, rows)
+        counts.update(sequences=len(rows), mean_target=float(np.mean([r["target"] for r in rows])))
+        report = (
+            f"{counts['kept']}/{counts['prompts']} prompts kept ({counts['dropped_all_ties']} all-tie), "
+            f"{len(rows)} sequences, mode {self.options.target_mode}"
+        )
+        return counts, report
+
+
 def run_targets(
     generations_path: str | Path, rankings_path: str | Path, out_dir: str | Path, options: TargetsOptions
 ) -> Path:
     """Turn generations + judge logits into ``targets.jsonl``; returns its path."""
-    out_dir = Path(out_dir)
-    started = time.perf_counter()
-    inputs = {"generations": file_identity(generations_path), "rankings": file_identity(rankings_path)}
-    fp = stage_fingerprint(STAGE, inputs, options)
-    path = schema.TARGETS.path(out_dir)
-    if begin_stage(out_dir, STAGE, fp) is not None:
-        return path
-    generations = read_rows(generations_path, schema.GENERATIONS.required)
-    rows, counts = build_targets(generations, read_rows(rankings_path, schema.RANKINGS.required), options)
-    if not rows:
-        raise PipelineError(f"no training sequences left: {counts}")
-    write_jsonl(path, rows)
-    counts.update(sequences=len(rows), mean_target=float(np.mean([r["target"] for r in rows])))
-    report = (
-        f"{counts['kept']}/{counts['prompts']} prompts kept ({counts['dropped_all_ties']} all-tie), "
-        f"{len(rows)} sequences, mode {options.target_mode}"
-    )
-    finish_stage(out_dir, STAGE, counts, fingerprint=fp, started=started, options=options, report=report, output=path)
-    return path
+    return run_stage(Targets(generations_path, rankings_path, out_dir, options))

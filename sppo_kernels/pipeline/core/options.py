@@ -1,16 +1,15 @@
 """Stage options as dataclasses, mapped to and from command-line flags so that each option is declared once.
 
 A field ``max_new_tokens: int = 2048`` with ``metadata={"help": ...}`` becomes ``--max-new-tokens``; booleans
-become ``--flag/--no-flag``; ``X | None`` fields accept a value or default to None. An option's name on the
-command line and in ``run.json`` is its field name unless ``opt(..., name=...)`` says otherwise (the model
-options' ``backend`` is ``--kernel-backend``: the command line also has a generation backend).
+become ``--flag/--no-flag``; ``X | None`` fields accept a value or default to None. An option has one name: its
+field's, which is also its key in ``run.json`` and, with dashes, its flag.
 
 Each option also declares its valid values (``check=``, e.g. :func:`positive`; checked with the choices by
 :func:`validated` before anything runs; an options class may add a ``check()`` method for rules across its
 fields), whether it changes results (``fingerprinted=False``: it cannot, e.g. a device or a batch size that
 only changes rounding, or its effect is already in an input's content hash) and whether its value names a
 model or a file (``identity="model"|"file"``: fingerprinted by content, not by the path string). See
-:mod:`~sppo_kernels.pipeline.fingerprint`.
+:mod:`~sppo_kernels.pipeline.core.fingerprint`.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sppo_kernels.pipeline.errors import PipelineError
+from sppo_kernels.pipeline.core.errors import PipelineError
 
 OptionsT = TypeVar("OptionsT")
 
@@ -36,16 +35,14 @@ def opt(
     help: str,
     choices: tuple[str, ...] | None = None,
     *,
-    name: str | None = None,
     check: tuple[Check, str] | None = None,
     fingerprinted: bool = True,
     identity: str | None = None,
 ) -> Any:
-    """A dataclass field with the help text (and choices) of its command-line flag; ``name``: the option's name
-    on the command line and in records when it differs from the field's; ``check``: ``(predicate, "what it
+    """A dataclass field with the help text (and choices) of its command-line flag; ``check``: ``(predicate, "what it
     must be")`` for values other than None; ``fingerprinted``: whether the option is part of the fingerprint of
     the work it produces; ``identity``: ``"model"`` or ``"file"`` when the value is a path whose content counts."""
-    metadata = {"help": help, "choices": choices, "name": name, "check": check}
+    metadata = {"help": help, "choices": choices, "check": check}
     return dataclasses.field(
         default=default, metadata={**metadata, "fingerprinted": fingerprinted, "identity": identity}
     )
@@ -71,13 +68,8 @@ def between(low: float, high: float, *, low_open: bool = False) -> tuple[Check, 
     return (lambda v: _number(v) and above(v) and v <= high), f"in {'(' if low_open else '['}{low}, {high}]"
 
 
-def option_name(field: dataclasses.Field) -> str:
-    """The name of ``field`` on the command line (with dashes) and in ``run.json`` / stage summaries."""
-    return field.metadata.get("name") or field.name
-
-
 def _flag(field: dataclasses.Field) -> str:
-    return "--" + option_name(field).replace("_", "-")
+    return "--" + field.name.replace("_", "-")
 
 
 def _value_type(hint: Any) -> type:
@@ -104,7 +96,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, title: str | None
                 type=kind,
                 default=None,
                 choices=field.metadata.get("choices"),
-                metavar=option_name(field).upper(),
+                metavar=field.name.upper(),
                 help=help_text,
             )
 
@@ -113,7 +105,7 @@ def from_args(cls: type[OptionsT], args: argparse.Namespace, **overrides: Any) -
     """Build ``cls`` from parsed flags: flags given on the command line win over ``overrides`` over defaults."""
     values = dict(overrides)
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-        given = getattr(args, option_name(field), None)
+        given = getattr(args, field.name, None)
         if given is not None:
             values[field.name] = given
     return validated(cls(**values))
@@ -151,4 +143,4 @@ def to_argv(options: Any) -> list[str]:
 
 def to_record(options: Any) -> dict[str, Any]:
     """``{option name: value}`` of an options object, as stored in ``run.json`` and in stage summaries."""
-    return {option_name(field): getattr(options, field.name) for field in dataclasses.fields(options)}
+    return {field.name: getattr(options, field.name) for field in dataclasses.fields(options)}

@@ -1,5 +1,6 @@
-"""The files of an ``sppo-train`` run: names, row keys and columns of every artefact, the folder layout and the
-completion markers. Stages, ``run`` and the tests take names and columns from here, never from one another.
+"""The files of an ``sppo-train`` run: names, row keys and columns of every artefact, the folder layout, the
+stage names and the completion markers. Stages, the evaluation, ``run``, the demo and the tests take names and
+columns from here, never from one another and never as literals.
 
 Layout of a run folder ``out``::
 
@@ -18,6 +19,16 @@ Layout of a run folder ``out``::
       checkpoints/            CHECKPOINTS    train's resumable DeepSpeed state; LATEST_CHECKPOINT names the newest,
                                              lists its files and carries its fingerprint
     iter2/...
+    eval.json, eval.md, eval.png  EVAL_JSON, EVAL_TABLE, EVAL_PLOT: the evaluation's results (or in eval --out)
+    eval/                     EVAL_DIR
+      settings.json           EVAL_SETTINGS  policies, baseline, prompts and options of the evaluation
+      iter<t>/ or baseline/   eval_policy_dir(eval_dir, t)  (None: the baseline)
+        outputs.jsonl         EVAL_OUTPUTS   one response per eval prompt
+        model_outputs.json    MODEL_OUTPUTS  the same in AlpacaEval's format
+        judgments-<judge>.jsonl   judgments_path(folder, judge): both orders' logits and the verdict per prompt
+
+The demo (``sppo-train demo --out D``) writes DEMO_DATA/ (prompt files), DEMO_ASSETS/ (tiny policy and judge),
+DEMO_RUN/ (a run folder as above) and DEMO_LOG.
 
 Adding a column: add it to its artefact here (and write it in its stage); a column that TRAIN_DATA shares with
 TARGETS is carried over by the reflogps stage without further edits.
@@ -31,19 +42,42 @@ from pathlib import Path
 
 __all__ = [
     "CHECKPOINTS",
+    "DEMO_ASSETS",
+    "DEMO_DATA",
+    "DEMO_LOG",
+    "DEMO_RUN",
+    "EVALUATE_STAGE",
+    "EVAL_DIR",
+    "EVAL_JSON",
+    "EVAL_OUTPUTS",
+    "EVAL_PLOT",
+    "EVAL_SETTINGS",
+    "EVAL_TABLE",
+    "GENERATE_STAGE",
     "GENERATIONS",
+    "ITERATION_STAGES",
+    "JUDGE_STAGE",
+    "JUDGMENTS",
     "LATEST_CHECKPOINT",
     "LOSS_PLOT",
     "MARKER_DIR",
     "METRICS",
     "MODEL_DIR",
+    "MODEL_OUTPUTS",
     "PROMPTS",
     "RANKINGS",
+    "RANK_STAGE",
+    "REFLOGPS_STAGE",
     "RUN_RECORD",
     "TARGETS",
+    "TARGETS_STAGE",
     "TRAIN_DATA",
+    "TRAIN_STAGE",
     "Artefact",
+    "eval_policy_dir",
     "iteration_dir",
+    "iteration_name",
+    "judgments_path",
     "marker_path",
     "units_dir",
 ]
@@ -106,6 +140,27 @@ METRICS = Artefact(
     ),
 )
 
+# The evaluation's results: a JSON list, one row per (iteration, judge), sorted by iteration then judge.
+EVAL_JSON = Artefact(
+    "eval.json",
+    ("iteration", "judge", "n", "win_rate", "win_rate_ci", "lc_win_rate", "avg_length_tokens", "avg_length_chars",
+     "wins", "ties", "losses"),
+)  # fmt: skip
+# Eval outputs of one policy, one row per eval prompt (the end-of-turn token is not counted in num_tokens).
+EVAL_OUTPUTS = Artefact("outputs.jsonl", ("id", "instruction", "output", "num_tokens", "finish_reason"))
+# Verdicts of one judge on one policy against the baseline, one row per eval prompt.
+JUDGMENTS = Artefact("judgments-{judge}.jsonl", ("id", "logits", "preference", "outcome"), optional=("logits",))
+
+# Stage names: subcommands, completion markers (stages/<name>.json) and units folders (<name>_units/)
+GENERATE_STAGE = "generate"
+RANK_STAGE = "rank"
+TARGETS_STAGE = "targets"
+REFLOGPS_STAGE = "reflogps"
+TRAIN_STAGE = "train"
+ITERATION_STAGES = (GENERATE_STAGE, RANK_STAGE, TARGETS_STAGE, REFLOGPS_STAGE, TRAIN_STAGE)  # in run's order
+EVALUATE_STAGE = "evaluate"
+JUDGE_STAGE = "judge"  # the evaluation's judging of one policy by one judge: marker judge-<judge>
+
 RUN_RECORD = "run.json"
 LOSS_PLOT = "loss.png"
 MODEL_DIR = "model"
@@ -114,11 +169,35 @@ LATEST_CHECKPOINT = (
     "latest.json"  # in CHECKPOINTS: {"tag": "step-0000042", "step": 42, "files": {…}, "fingerprint": {…}}
 )
 MARKER_DIR = "stages"
+EVAL_TABLE = "eval.md"
+EVAL_PLOT = "eval.png"
+EVAL_DIR = "eval"
+EVAL_SETTINGS = "settings.json"
+MODEL_OUTPUTS = "model_outputs.json"
+DEMO_DATA = "data"
+DEMO_ASSETS = "assets"
+DEMO_RUN = "run"
+DEMO_LOG = "demo.log"
 
 
 def iteration_dir(out: str | os.PathLike[str], iteration: int) -> Path:
     """The folder of iteration ``iteration`` (1-based) of the run in ``out``."""
-    return Path(out) / f"iter{iteration}"
+    return Path(out) / iteration_name(iteration)
+
+
+def iteration_name(iteration: int) -> str:
+    """``iter<t>``: the folder of iteration t in a run, and its name in the evaluation (0: the base model)."""
+    return f"iter{iteration}"
+
+
+def eval_policy_dir(eval_dir: str | os.PathLike[str], iteration: int | None) -> Path:
+    """Where the evaluation keeps the outputs and verdicts of iteration ``iteration`` (None: the baseline)."""
+    return Path(eval_dir) / ("baseline" if iteration is None else iteration_name(iteration))
+
+
+def judgments_path(folder: str | os.PathLike[str], judge: str) -> Path:
+    """The verdicts of ``judge`` in a policy's evaluation folder."""
+    return Path(folder) / JUDGMENTS.name.format(judge=judge)
 
 
 def marker_path(folder: str | os.PathLike[str], stage: str) -> Path:

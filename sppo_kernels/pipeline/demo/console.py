@@ -13,8 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
-# Lines the console shows: the stages' one-line summaries and the "=== ..." headlines.
-STORY = re.compile(r"^(\[(demo|generate|rank|targets|reflogps|train|evaluate)\] |=== )")
+from sppo_kernels.pipeline.core import schema
+
+# Lines the console shows: the demo's and the stages' one-line summaries (the evaluation's are
+# "[evaluate-<judge>] ...") and the "=== ..." headlines.
+STORY = re.compile(rf"^(\[(demo|{'|'.join(schema.ITERATION_STAGES)}|{schema.EVALUATE_STAGE}(-[\w.-]+)?)\] |=== )")
 
 
 def silence_third_party() -> None:

@@ -1,7 +1,7 @@
 """Tiny random causal LMs, a character tokenizer and preference batches, built offline.
 
 Used by the tests, the runnable examples and ``sppo-train demo``; nothing is downloaded. (Their old import path,
-``sppo_kernels.integrations.testing``, still works.)
+``sppo_kernels.pipeline.demo.tiny_models``, still works.)
 """
 
 from __future__ import annotations

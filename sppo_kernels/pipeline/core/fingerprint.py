@@ -15,7 +15,7 @@ Identities of inputs (:func:`model_identity`, :func:`file_identity`, :func:`cont
 - a file (an earlier stage's artefact, a DeepSpeed config): the sha256 of its bytes;
 - a prompt set: the sha256 of its prompts (ids and chat turns) as loaded.
 
-Options with ``fingerprinted=True`` (see :mod:`~sppo_kernels.pipeline.options`) count by value; path-valued
+Options with ``fingerprinted=True`` (see :mod:`~sppo_kernels.pipeline.core.options`) count by value; path-valued
 ones (``identity=``) by the identity of what they name. ``path`` entries are kept for messages but never
 compared: a folder that is moved or copied, ``dir/`` or ``./dir``, keeps its fingerprint.
 """
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.options import option_name, validated
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.options import validated
 
 VERSION = 1
 # owner/name with no file suffix: the only sources that may be looked up on the hub
@@ -173,10 +173,10 @@ def options_record(options: Any) -> dict[str, Any]:
         value = getattr(options, field.name)
         kind = field.metadata.get("identity")
         if value is not None and kind == "model":
-            value = model_identity(str(value), what=option_name(field).replace("_", " "))
+            value = model_identity(str(value), what=field.name.replace("_", " "))
         elif value is not None and kind == "file":
-            value = file_identity(value, what=option_name(field).replace("_", " ") + " file")
-        record[option_name(field)] = value
+            value = file_identity(value, what=field.name.replace("_", " ") + " file")
+        record[field.name] = value
     return record
 
 

@@ -1,34 +1,23 @@
-"""Stage 1: sample K responses per prompt from the current policy (vLLM on CUDA, else batched HF generate).
+"""Generation engines: sample one response per prompt from a policy, reproducibly for a given seed.
 
-Output ``generations.jsonl``, one row per prompt::
-
-    {"id": 3, "messages": [...], "responses": [K str], "finish_reasons": [K "stop"|"length"], "num_tokens": [K int]}
-
-Work is split into units of (pass k, shard of prompts); each unit is saved as it finishes and samples with its
-own seed derived from (seed, k, shard), so a killed run resumes without changing any result.
+vLLM when it is importable and CUDA is present (fed token ids, so it adds no second BOS), else batched Hugging
+Face ``generate`` with left padding. :class:`GenerateOptions` holds the sampling settings (the SPPO paper's by
+default) and how the generate stage splits its work; the evaluation samples with the same engines.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
-from sppo_kernels.pipeline import chat, schema
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.fingerprint import model_identity, prompts_identity, stage_fingerprint
-from sppo_kernels.pipeline.modeling import ModelOptions, context_length, default_device, default_dtype, load_causal_lm
-from sppo_kernels.pipeline.options import at_least, between, opt
-from sppo_kernels.pipeline.prompts import Prompt
-from sppo_kernels.pipeline.store import begin_stage, chunks, finish_stage, run_units, write_jsonl
-
-STAGE = "generate"
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.options import at_least, between, opt
+from sppo_kernels.pipeline.core.store import chunks
+from sppo_kernels.pipeline.models.policy import ModelOptions, default_device, default_dtype, load_causal_lm
 
 
 @dataclass
@@ -178,70 +167,3 @@ def make_sampler(model: str, options: GenerateOptions, *, tokenizer: Any, model_
             raise PipelineError("--generation-backend vllm needs vLLM (pip install 'sppo-kernels[vllm]')")
         return VLLMSampler(model, options, trust_remote_code=model_options.trust_remote_code)
     return HFSampler(model, options, tokenizer=tokenizer, model_options=model_options)
-
-
-def run_generate(
-    model: str,
-    prompts: Sequence[Prompt],
-    out_dir: str | Path,
-    options: GenerateOptions,
-    model_options: ModelOptions | None = None,
-    *,
-    sampler: Sampler | None = None,
-) -> Path:
-    """Sample ``num_responses`` responses for every prompt; returns the path of ``generations.jsonl``."""
-    if not prompts:
-        raise PipelineError("generate: the prompt set is empty")
-    out_dir = Path(out_dir)
-    started = time.perf_counter()
-    model_options = model_options or ModelOptions()
-    inputs = {"model": model_identity(model), "prompts": prompts_identity(prompts)}
-    engine_options = dataclasses.replace(options, generation_backend=engine_name(options))  # "auto" resolved
-    fp = stage_fingerprint(STAGE, inputs, engine_options, model_options)
-    path = schema.GENERATIONS.path(out_dir)
-    if begin_stage(out_dir, STAGE, fp) is not None:
-        return path
-    tokenizer = chat.load_tokenizer(model, trust_remote_code=model_options.trust_remote_code)
-    context = context_length(model, trust_remote_code=model_options.trust_remote_code)
-    prompt_ids = chat.encode_prompts(tokenizer, prompts, context)
-    shards = chunks(range(len(prompts)), options.generation_shard_size)
-    units = [(k, j, shard) for k in range(options.num_responses) for j, shard in enumerate(shards)]
-    engine = sampler
-
-    def work(_index: int, unit: tuple[int, int, range]) -> list[dict[str, Any]]:
-        nonlocal engine
-        if engine is None:  # built lazily: a fully resumed stage loads no model
-            engine = make_sampler(model, options, tokenizer=tokenizer, model_options=model_options)
-        k, j, shard = unit
-        samples = engine.sample([prompt_ids[i] for i in shard], unit_seed(options.generation_seed, k, j))
-        return [s._asdict() for s in samples]
-
-    results = run_units(
-        schema.units_dir(out_dir, STAGE),
-        units,
-        work,
-        fingerprint=fp,
-        desc="generate",
-        total=len(prompts) * options.num_responses,
-        weight=lambda unit: len(unit[2]),
-    )
-    rows = [{**p.to_json(), "responses": [], "finish_reasons": [], "num_tokens": []} for p in prompts]
-    for (_k, _j, shard), samples in zip(units, results, strict=True):
-        for i, sample in zip(shard, samples, strict=True):
-            rows[i]["responses"].append(sample["text"])
-            rows[i]["finish_reasons"].append(sample["finish_reason"])
-            rows[i]["num_tokens"].append(sample["num_tokens"])
-    write_jsonl(path, rows)
-    num_tokens = [n for row in rows for n in row["num_tokens"]]
-    counts = {
-        "prompts": len(rows),
-        "responses": len(num_tokens),
-        "mean_tokens": float(np.mean(num_tokens)),
-        "hit_max_new_tokens": sum(r == "length" for row in rows for r in row["finish_reasons"]),
-    }
-    report = (
-        f"{counts['prompts']} prompts x {options.num_responses} responses, mean {counts['mean_tokens']:.1f} tokens, "
-        f"{counts['hit_max_new_tokens']} cut at max_new_tokens"
-    )
-    finish_stage(out_dir, STAGE, counts, fingerprint=fp, started=started, options=options, report=report, output=path)
-    return path

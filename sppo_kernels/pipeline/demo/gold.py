@@ -56,7 +56,7 @@ def gold_score(prompt: str, response: str) -> int:
 
 
 class GoldJudge:
-    """The gold rule as a pairwise judge (:class:`sppo_kernels.pipeline.rank.PairwiseScorer`).
+    """The gold rule as a pairwise judge (:class:`sppo_kernels.pipeline.models.judge.PairwiseScorer`).
 
     ``compare`` returns ``L_ij = gold_i − gold_j``: a logit that is positive when i beats j, 0 on ties.
     """

@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.prompts import Message, Prompt
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.prompts import Message, Prompt
 
 MAX_CHARS_PER_TOKEN = 64  # a prompt longer than this many characters per context token is refused untokenised
 

@@ -14,20 +14,17 @@ import torch
 from torch import Tensor
 
 import sppo_kernels as sk
-from sppo_kernels.deprecation import renamed_attributes
 from sppo_kernels.integrations.batching import prompt_masked_labels, right_pad
-from sppo_kernels.pipeline.errors import PipelineError
-from sppo_kernels.pipeline.options import opt
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.options import opt
 
 
-@renamed_attributes(kernel_backend="backend")
 @dataclass
 class ModelOptions:
     """How policy checkpoints are loaded and which kernel computes their log-probs (all model stages).
 
-    ``backend`` is ``--kernel-backend`` on the command line and ``kernel_backend`` in ``run.json`` (the command
-    line also has a generation backend); ``ModelOptions(kernel_backend=...)`` is its deprecated old spelling.
-    """
+    ``kernel_backend`` is the ``backend`` of ``sppo_kernels``' functions (the command line also has a generation
+    backend, hence the qualifier)."""
 
     trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code", fingerprinted=False)
     attn_implementation: str | None = opt(
@@ -35,12 +32,8 @@ class ModelOptions:
         "attention kernel (default: flash_attention_2 if installed on CUDA, eager for soft-capped "
         "attention without it, else sdpa)",
     )
-    backend: str = opt(  # every backend computes the same log-probs up to rounding: not fingerprinted
-        "auto",
-        "sppo_kernels backend for the log-probs and the loss",
-        sk.BACKENDS,
-        name="kernel_backend",
-        fingerprinted=False,
+    kernel_backend: str = opt(  # every backend computes the same log-probs up to rounding: not fingerprinted
+        "auto", "sppo_kernels backend for the log-probs and the loss", sk.BACKENDS, fingerprinted=False
     )
 
 

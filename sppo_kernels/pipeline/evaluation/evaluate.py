@@ -1,0 +1,386 @@
+"""``evaluate``: win rates of every iteration's policy against a baseline, judged pairwise, AlpacaEval 2.0-style.
+
+For each policy (iteration 0 = the base model, then each ``iter<t>/model``) one response per held-out prompt is
+generated with the generation stage's engine (vLLM on CUDA, else HF), with the paper's sampling (the generate
+options' temperature/top_p, default 0.7/0.9) or greedily, and with the same seed for every policy
+(:mod:`.responses`). A pairwise judge (PairRM through llm-blender by default; any
+:class:`~sppo_kernels.pipeline.models.judge.PairwiseScorer`) compares it with the baseline's response to the same
+prompt in both orders (:mod:`.verdicts`), and the verdicts give, per iteration (:mod:`.statistics`):
+
+- the win rate (ties count ½) and its 95% interval (percentile bootstrap over prompts, seeded);
+- the length-controlled win rate (a logistic GLM of the verdicts on the normalised length difference, predicted
+  at zero length difference; docs/evaluation.md holds the exact formula);
+- the policy's average response length in characters and in tokens.
+
+Each judge's evaluation is one :class:`~sppo_kernels.pipeline.core.stage.Stage` (marker
+``eval/stages/evaluate-<judge>.json``, holding its rows); ``eval.json``, ``eval.md`` and ``eval.png`` are written
+from the rows of every judge whose evaluation is finished in ``eval/``. The files are named in
+:mod:`~sppo_kernels.pipeline.core.schema`. Evaluation never trains or changes a model, and the judge sees only
+the prompt and the two responses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from sppo_kernels.pipeline.core import schema
+from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.fingerprint import (
+    Fingerprint,
+    content_identity,
+    file_identity,
+    model_identity,
+    prompts_identity,
+    stage_fingerprint,
+)
+from sppo_kernels.pipeline.core.options import at_least, opt, validated
+from sppo_kernels.pipeline.core.prompts import Prompt, PromptOptions, load_prompts
+from sppo_kernels.pipeline.core.stage import Stage, run_stage
+from sppo_kernels.pipeline.core.store import (
+    read_json,
+    read_rows,
+    remove_tree,
+    settle_stale,
+    stage_summary,
+    write_json,
+    write_text,
+)
+from sppo_kernels.pipeline.evaluation.report import markdown_table, plot_win_rates
+from sppo_kernels.pipeline.evaluation.responses import SAMPLING_FIELDS, Responses
+from sppo_kernels.pipeline.evaluation.statistics import summarize
+from sppo_kernels.pipeline.evaluation.verdicts import Verdicts
+from sppo_kernels.pipeline.models import chat
+from sppo_kernels.pipeline.models.judge import PairwiseScorer, RankOptions, judge_identity, pairrm
+from sppo_kernels.pipeline.models.policy import ModelOptions
+from sppo_kernels.pipeline.models.sampling import GenerateOptions, Sampler
+
+DEFAULT_JUDGE = "pairrm"
+
+
+@dataclass
+class EvalOptions:
+    """Evaluation against a baseline (``sppo-train eval``, or the ``evaluate`` stage of ``run``). None of these is
+    part of a run's fingerprint: the evaluation never changes a trained model and checks its own settings
+    (``eval/settings.json``)."""
+
+    eval_prompts: str | None = opt(
+        None,
+        "held-out prompts, same formats as --prompts (--prompt-column/--prompt-split apply); with run, adds an "
+        "evaluate stage after the last iteration",
+        fingerprinted=False,
+    )
+    eval_max_prompts: int | None = opt(
+        None, "use only the first N eval prompts", check=at_least(1), fingerprinted=False
+    )
+    eval_sampling: str = opt(
+        "paper",
+        "paper: sample with the generate options' temperature/top_p (the paper's 0.7/0.9); greedy: argmax decoding",
+        ("paper", "greedy"),
+        fingerprinted=False,
+    )
+    eval_seed: int = opt(
+        0, "seed of the eval sampling (the same for every policy) and of the bootstrap", check=at_least(0),
+        fingerprinted=False,
+    )  # fmt: skip
+    eval_bootstrap: int = opt(
+        2000, "bootstrap resamples of the prompts for the 95%% interval", check=at_least(1), fingerprinted=False
+    )
+    eval_baseline: str | None = opt(None, "baseline model (default: the base policy, iteration 0)", fingerprinted=False)
+    eval_shard_size: int = opt(64, "prompts per saved unit of work", check=at_least(1), fingerprinted=False)
+    eval_dataset: str | None = opt(
+        None, "'dataset' field of model_outputs.json (default: the eval prompts' name)", fingerprinted=False
+    )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """One evaluated model: its iteration (0 = the base) and folder or hub name."""
+
+    iteration: int
+    path: str
+
+
+def run_policies(base_model: str, run_dir: str | Path, iterations: int | None = None) -> list[Policy]:
+    """The base model (iteration 0) and every finished ``iter<t>/model`` of a run folder, in order."""
+    run_dir = Path(run_dir)
+    policies = [Policy(0, base_model)]
+    t = 1
+    while iterations is None or t <= iterations:
+        folder = schema.iteration_dir(run_dir, t)
+        if stage_summary(folder, schema.TRAIN_STAGE) is None or not (folder / schema.MODEL_DIR).is_dir():
+            if iterations is not None:
+                raise PipelineError(f"{folder} has no finished train stage ({schema.MODEL_DIR}/) to evaluate")
+            break
+        policies.append(Policy(t, str(folder / schema.MODEL_DIR)))
+        t += 1
+    return policies
+
+
+def sampling_options(options: EvalOptions, generate_options: GenerateOptions) -> GenerateOptions:
+    """The generation settings of the evaluation: one response, the paper's sampling or greedy decoding."""
+    greedy = options.eval_sampling == "greedy"
+    return dataclasses.replace(
+        generate_options,
+        num_responses=1,
+        temperature=0.0 if greedy else generate_options.temperature,
+        top_p=1.0 if greedy else generate_options.top_p,
+    )
+
+
+@dataclass
+class Evaluation:
+    """What every judge of one evaluation shares: the policies, the baseline, the prompts and the settings, and
+    the responses of every model (generated once, whichever judges look at them)."""
+
+    out: Path
+    policies: Sequence[Policy]
+    baseline: str
+    prompts: Sequence[Prompt]
+    prompts_source: str
+    options: EvalOptions
+    sampling: GenerateOptions
+    model_options: ModelOptions
+    rank_options: RankOptions
+    samplers: dict[str, Sampler]
+
+    @property
+    def work_dir(self) -> Path:
+        return self.out / schema.EVAL_DIR
+
+    @property
+    def dataset(self) -> str:
+        return self.options.eval_dataset or Path(self.prompts_source).stem
+
+    @cached_property
+    def folders(self) -> dict[str, Path]:
+        """Model path → the folder of its outputs (a model listed twice is generated once)."""
+        folders: dict[str, Path] = {}
+        for p in self.policies:
+            folders.setdefault(p.path, schema.eval_policy_dir(self.work_dir, p.iteration))
+        folders.setdefault(self.baseline, schema.eval_policy_dir(self.work_dir, None))
+        return folders
+
+    def identities(self) -> dict[str, dict[str, str]]:
+        """The fingerprint inputs every judge's evaluation shares: the models, the prompts and the settings."""
+        identities = {f"iteration {p.iteration}": model_identity(p.path) for p in self.policies}
+        identities |= {"baseline": model_identity(self.baseline), "prompts": prompts_identity(self.prompts)}
+        settings = {"seed": self.options.eval_seed, "shard_size": self.options.eval_shard_size, "dataset": self.dataset}
+        settings |= {name: getattr(self.sampling, name) for name in SAMPLING_FIELDS}
+        return identities | {"settings": content_identity(settings)}
+
+    def settle_settings(self) -> None:
+        """Record the evaluation's fingerprint (and its readable settings) in ``eval/settings.json``, or settle an
+        earlier evaluation there made from other policies, prompts or settings: refused, or
+        (``--discard-stale``) removed with every judge's results and redone."""
+        fingerprint = stage_fingerprint(schema.EVALUATE_STAGE, self.identities(), self.model_options)
+        path = self.work_dir / schema.EVAL_SETTINGS
+        stored = read_json(path) if path.is_file() else None
+        what = f"the evaluation in {self.work_dir}"
+        if stored is not None and settle_stale(what, stored.get("fingerprint"), fingerprint, self.discard):
+            return
+        readable = {
+            "policies": [asdict(p) for p in self.policies],
+            "baseline": self.baseline,
+            "prompts": self.prompts_source,
+            "options": asdict(self.options),
+            "generate": asdict(self.sampling),
+        }
+        write_json(path, {**readable, "fingerprint": fingerprint.record})
+
+    def discard(self) -> None:
+        """Remove the earlier evaluation: its folder and the reports written from it."""
+        remove_tree(self.work_dir)
+        for name in (schema.EVAL_JSON.name, schema.EVAL_TABLE, schema.EVAL_PLOT):
+            remove_tree(self.out / name)
+
+    @cached_property
+    def outputs(self) -> dict[str, list[dict[str, Any]]]:
+        """Model path → its rows of ``outputs.jsonl`` (generated, or read back when finished)."""
+        outputs = {}
+        for model, folder in self.folders.items():
+            stage = Responses(
+                model, self.prompts, folder, self.sampling, self.model_options, seed=self.options.eval_seed,
+                shard_size=self.options.eval_shard_size, generator=f"{self.out.resolve().name}-{folder.name}",
+                dataset=self.dataset, sampler=self.samplers.get(model),
+            )  # fmt: skip
+            outputs[model] = read_rows(run_stage(stage), schema.EVAL_OUTPUTS.columns)
+        return outputs
+
+
+class Evaluate(Stage):
+    """One judge's evaluation of every policy against the baseline; its marker holds its ``eval.json`` rows."""
+
+    def __init__(self, evaluation: Evaluation, judge_name: str, judge: PairwiseScorer | None) -> None:
+        super().__init__(evaluation.work_dir, evaluation.options)
+        self.name = f"{schema.EVALUATE_STAGE}-{judge_name}"
+        self.evaluation, self.judge_name, self.given_judge = evaluation, judge_name, judge
+
+    @property
+    def output(self) -> Path:
+        return schema.marker_path(self.folder, self.name)
+
+    def judge_inputs(self) -> tuple[dict[str, str], RankOptions | None]:
+        """The judge's identity and options: PairRM's checkpoint and settings, or a plugged-in scorer's class."""
+        if self.given_judge is None:
+            return judge_identity(None), self.evaluation.rank_options
+        return judge_identity(self.given_judge), None
+
+    def fingerprint(self) -> Fingerprint:
+        identity, options = self.judge_inputs()
+        groups = [self.evaluation.model_options] + ([options] if options is not None else [])
+        return stage_fingerprint(schema.EVALUATE_STAGE, {**self.evaluation.identities(), "judge": identity}, *groups)
+
+    @cached_property
+    def judge(self) -> PairwiseScorer:
+        """Built at the first comparison: a fully resumed evaluation loads no judge."""
+        return self.given_judge if self.given_judge is not None else pairrm(self.evaluation.rank_options)
+
+    def compute(self, fingerprint: Fingerprint) -> list[dict[str, Any]]:
+        e = self.evaluation
+        identity, options = self.judge_inputs()
+        baseline_rows = e.outputs[e.baseline]
+        rows = []
+        for p in e.policies:
+            compared = {
+                "policy outputs": file_identity(schema.EVAL_OUTPUTS.path(e.folders[p.path])),
+                "baseline outputs": file_identity(schema.EVAL_OUTPUTS.path(e.folders[e.baseline])),
+                "judge": identity,
+                "shards": content_identity(e.options.eval_shard_size),
+            }
+            verdicts = Verdicts(
+                lambda: self.judge, self.judge_name, list(zip(e.outputs[p.path], baseline_rows, strict=True)),
+                e.folders[p.path], stage_fingerprint("eval-judge", compared, *([options] if options else [])),
+                shard_size=e.options.eval_shard_size, where=f"{e.prompts_source} (policy {p.path})",
+            )  # fmt: skip
+            judged = read_rows(run_stage(verdicts), schema.JUDGMENTS.required)
+            outcomes = [v["outcome"] for v in judged]
+            stats = summarize(outcomes, e.outputs[p.path], baseline_rows, resamples=e.options.eval_bootstrap,
+                              seed=e.options.eval_seed)  # fmt: skip
+            counts = {"wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0)}
+            rows.append({"iteration": p.iteration, "judge": self.judge_name, **stats, **counts})
+        return rows
+
+    def finish(self, computed: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+        final = max(computed, key=lambda r: r["iteration"])
+        report = (
+            f"iteration {final['iteration']} wins {100 * final['win_rate']:.2f}% "
+            f"(LC {100 * final['lc_win_rate']:.2f}%) against the baseline, {len(self.evaluation.prompts)} prompts"
+        )
+        return {"rows": computed}, report
+
+
+def row_order(row: dict[str, Any]) -> tuple[int, str]:
+    """Rows of ``eval.json`` and tables of ``eval.md`` come by iteration, then judge."""
+    return row["iteration"], row["judge"]
+
+
+def finished_rows(work_dir: Path) -> list[dict[str, Any]]:
+    """The ``eval.json`` rows of every judge whose evaluation is finished in ``work_dir``, in :func:`row_order`."""
+    markers = (work_dir / schema.MARKER_DIR).glob(f"{schema.EVALUATE_STAGE}-*.json")
+    return sorted((row for marker in markers for row in read_json(marker)["rows"]), key=row_order)
+
+
+def write_reports(out: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """``eval.json``, ``eval.md`` and ``eval.png`` in ``out`` from ``rows``."""
+    write_json(schema.EVAL_JSON.path(out), list(rows))
+    write_text(out / schema.EVAL_TABLE, markdown_table(rows))
+    plot_win_rates(rows, out / schema.EVAL_PLOT)
+
+
+def check_tokenizer(model: str, model_options: ModelOptions) -> None:
+    """A clear error when ``model`` has no usable tokenizer (transformers raises OSError or ValueError)."""
+    try:
+        chat.load_tokenizer(model, trust_remote_code=model_options.trust_remote_code)
+    except ValueError as e:
+        raise PipelineError(f"cannot load a tokenizer from {model!r}: {str(e).splitlines()[0]}") from e
+
+
+def judge_name(judge: Any) -> str:
+    """A plugged-in judge's name: its ``name`` attribute, else its class name."""
+    return str(getattr(judge, "name", None) or type(judge).__name__)
+
+
+def plan_evaluation(
+    policies: Sequence[Policy],
+    prompts_source: str,
+    out: str | Path,
+    options: EvalOptions,
+    generate_options: GenerateOptions,
+    model_options: ModelOptions,
+    rank_options: RankOptions,
+    prompt_options: PromptOptions,
+    samplers: dict[str, Sampler],
+) -> Evaluation:
+    """Check everything an evaluation needs before any work: the options, the prompts (unique ids), the baseline
+    and every model's tokenizer."""
+    prompt_options = dataclasses.replace(prompt_options, max_prompts=options.eval_max_prompts)
+    for group in (options, generate_options, model_options, rank_options, prompt_options):
+        validated(group)
+    if not policies:
+        raise PipelineError("evaluate: no policies to evaluate")
+    prompts = load_prompts(prompts_source, prompt_options)
+    if len({p.id for p in prompts}) != len(prompts):
+        raise PipelineError(f"{prompts_source}: prompt ids are not unique")
+    baseline = options.eval_baseline or next((p.path for p in policies if p.iteration == 0), None)
+    if baseline is None:
+        raise PipelineError("evaluate: no baseline (give --eval-baseline, or an iteration-0 policy)")
+    for model in dict.fromkeys([baseline, *(p.path for p in policies)]):
+        check_tokenizer(model, model_options)
+    sampling = sampling_options(options, generate_options)
+    return Evaluation(Path(out), policies, baseline, prompts, prompts_source, options, sampling, model_options,
+                      rank_options, samplers)  # fmt: skip
+
+
+def evaluate(
+    policies: Sequence[Policy],
+    prompts_source: str,
+    out: str | Path,
+    options: EvalOptions,
+    generate_options: GenerateOptions | None = None,
+    model_options: ModelOptions | None = None,
+    rank_options: RankOptions | None = None,
+    prompt_options: PromptOptions | None = None,
+    *,
+    judges: dict[str, PairwiseScorer | None] | None = None,
+    samplers: dict[str, Sampler] | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate ``policies`` on the prompts of ``prompts_source`` against the baseline with each judge.
+
+    ``judges`` maps a name to a scorer, or to None for PairRM from ``rank_options`` (default: PairRM alone);
+    ``samplers`` optionally maps a model path to a generation engine (tests). Returns the rows written to
+    ``out/eval.json``: those of every judge whose evaluation is finished there.
+    """
+    evaluation = plan_evaluation(
+        policies, prompts_source, out, options, generate_options or GenerateOptions(), model_options or ModelOptions(),
+        rank_options or RankOptions(), prompt_options or PromptOptions(), samplers or {},
+    )  # fmt: skip
+    evaluation.settle_settings()
+    for name, judge in (judges or {DEFAULT_JUDGE: None}).items():
+        run_stage(Evaluate(evaluation, name, judge))
+    rows = finished_rows(evaluation.work_dir)
+    write_reports(evaluation.out, rows)
+    return rows
+
+
+def evaluate_run(run_dir: str | Path, base_model: str, options: Any, *, scorer: PairwiseScorer | None = None) -> list:
+    """The ``evaluate`` stage of ``run``: every iteration's policy and the base against the base (or
+    ``--eval-baseline``), judged by ``scorer`` (default PairRM). ``options``: the run's
+    :class:`~sppo_kernels.pipeline.table.PipelineOptions` (not imported: the stage table imports this module)."""
+    if options.evaluate.eval_prompts is None:
+        raise PipelineError("the evaluate stage needs --eval-prompts")
+    return evaluate(
+        run_policies(base_model, run_dir, options.run.iterations),
+        options.evaluate.eval_prompts,
+        run_dir,
+        options.evaluate,
+        options.generate,
+        options.model,
+        options.rank,
+        options.prompts,
+        judges={DEFAULT_JUDGE: None} if scorer is None else {judge_name(scorer): scorer},
+    )
