@@ -20,7 +20,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from sppo_kernels.pipeline.core import schema
+from sppo_kernels.pipeline.core import distributed, schema
 from sppo_kernels.pipeline.core.errors import PipelineError
 from sppo_kernels.pipeline.core.fingerprint import (
     Fingerprint,
@@ -29,7 +29,7 @@ from sppo_kernels.pipeline.core.fingerprint import (
     prompts_identity,
     stage_fingerprint,
 )
-from sppo_kernels.pipeline.core.options import to_record, validated
+from sppo_kernels.pipeline.core.options import to_argv, to_record, validated
 from sppo_kernels.pipeline.core.prompts import Prompt, PromptOptions, load_prompts, split_prompts
 from sppo_kernels.pipeline.core.store import (
     check_out_dir,
@@ -43,9 +43,9 @@ from sppo_kernels.pipeline.evaluation.evaluate import evaluate_run
 from sppo_kernels.pipeline.models import chat
 from sppo_kernels.pipeline.models.judge import PairwiseScorer, judge_identity
 from sppo_kernels.pipeline.models.policy import context_length
-from sppo_kernels.pipeline.table import STAGES, PipelineOptions, RunOptions, default_launcher
+from sppo_kernels.pipeline.table import STAGES, PipelineOptions, on_every_gpu
 
-__all__ = ["PipelineOptions", "RunOptions", "default_launcher", "run_fingerprint", "run_iteration", "run_pipeline"]
+__all__ = ["run_fingerprint", "run_iteration", "run_pipeline"]
 
 
 def _record(options: PipelineOptions) -> dict[str, dict[str, Any]]:
@@ -95,7 +95,7 @@ def run_iteration(
     options = dataclasses.replace(options, prompts=PromptOptions())  # the split is already selected
     for stage in STAGES:
         inputs = {i.name: model if i.artefact is None else str(i.artefact.path(folder)) for i in stage.inputs}
-        command = stage.child(options)
+        command = stage.child(options, scorer)
         if command is None:
             stage.run(inputs, folder, options, scorer=scorer)
         else:
@@ -124,6 +124,11 @@ def run_pipeline(
 def _run_pipeline(
     model: str, prompts_source: str, out: Path, options: PipelineOptions, scorer: PairwiseScorer | None
 ) -> Path:
+    if distributed.launched_world_size() > 1:
+        raise PipelineError(
+            "start sppo-train run once, not under a launcher: it starts each stage under --launcher (default: "
+            "torchrun over the local GPUs)"
+        )
     for group in dataclasses.fields(options):
         validated(getattr(options, group.name))
     check_out_dir(out)
@@ -142,5 +147,17 @@ def _run_pipeline(
         current = str(run_iteration(current, split, schema.iteration_dir(out, t), options, scorer=scorer))
     print(f"=== done: final model {current}; per-iteration artefacts in {out}/iter*/")
     if options.evaluate.eval_prompts:  # the evaluate stage, after the last iteration
-        evaluate_run(out, model, options, scorer=scorer)
+        run_evaluation(out, model, options, scorer)
     return Path(current)
+
+
+def run_evaluation(out: Path, model: str, options: PipelineOptions, scorer: PairwiseScorer | None) -> None:
+    """The evaluate stage of ``run``: in this process, or ``sppo-train eval --run`` on every GPU (the run's
+    options are passed as flags, so it evaluates what ``run.json`` records)."""
+    command = on_every_gpu(options, scorer)
+    if command is None:
+        evaluate_run(out, model, options, scorer=scorer)
+        return
+    groups = ("prompts", "model", "generate", "rank", "evaluate", "reuse")
+    flags = [flag for group in groups for flag in to_argv(getattr(options, group))]
+    _subprocess([*command, "eval", "--run", str(out), *flags], schema.EVALUATE_STAGE)

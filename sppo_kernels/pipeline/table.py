@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sppo_kernels.pipeline.core import schema
+from sppo_kernels.pipeline.core.distributed import visible_devices
 from sppo_kernels.pipeline.core.errors import PipelineError
 from sppo_kernels.pipeline.core.fingerprint import discarding_stale
 from sppo_kernels.pipeline.core.options import at_least, opt, to_argv
@@ -26,7 +27,7 @@ from sppo_kernels.pipeline.core.store import ReuseOptions
 from sppo_kernels.pipeline.evaluation.evaluate import EvalOptions
 from sppo_kernels.pipeline.models.judge import RankOptions
 from sppo_kernels.pipeline.models.policy import ModelOptions
-from sppo_kernels.pipeline.models.sampling import GenerateOptions, vllm_usable
+from sppo_kernels.pipeline.models.sampling import GenerateOptions, engine_name
 from sppo_kernels.pipeline.stages import generate, rank, reflogps, targets, train
 
 __all__ = [
@@ -49,9 +50,9 @@ class RunOptions:
     iterations: int = opt(3, "SPPO iterations, each on its own split of the prompts", check=at_least(1))
     launcher: str | None = opt(
         None,
-        "command that starts the train stage in several processes, e.g. 'torchrun --nproc_per_node 8' or "
-        "'deepspeed --hostfile hosts' (default: torchrun over the local GPUs when there are several, else "
-        "in this process)",
+        "command that starts every stage but targets in several processes, e.g. 'torchrun --nproc_per_node 8', "
+        "'deepspeed --hostfile hosts' or 'srun --ntasks-per-node 8' (default: torchrun over the local GPUs when "
+        "there are several, one process per --tensor-parallel-size GPUs for vLLM; else in this process)",
         fingerprinted=False,
     )
 
@@ -104,17 +105,26 @@ def cli_command(launcher: str | None) -> list[str]:
     return [*shlex.split(launcher), found]
 
 
-def default_launcher() -> str | None:
-    """torchrun over all local GPUs when there are several, else None (train in this process)."""
-    import torch
-
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return f"torchrun --standalone --nproc_per_node {count}" if count > 1 else None
+def default_launcher(processes: int) -> str | None:
+    """torchrun with ``processes`` processes on this node when there are several, else None."""
+    return f"torchrun --standalone --nproc_per_node {processes}" if processes > 1 else None
 
 
-def in_process(_options: PipelineOptions) -> list[str] | None:
+def launched(options: PipelineOptions, processes: int) -> list[str] | None:
+    """The command that starts a data-parallel stage: ``--launcher``, else torchrun over ``processes`` local
+    processes when there are several, else None (the stage runs in the process of ``run``)."""
+    launcher = options.run.launcher or default_launcher(processes)
+    return cli_command(launcher) if launcher else None
+
+
+def in_process(_options: PipelineOptions, _scorer: Any) -> list[str] | None:
     """The stage runs in the process of ``run``."""
     return None
+
+
+def on_every_gpu(options: PipelineOptions, scorer: Any) -> list[str] | None:
+    """One process per visible GPU (or ``--launcher``'s); in-process with a Python judge, which cannot travel."""
+    return None if scorer is not None else launched(options, len(visible_devices()))
 
 
 COMMON_GROUPS = ("reuse",)  # option groups of every stage (and of run): what to do with stale work in --out
@@ -123,14 +133,14 @@ COMMON_GROUPS = ("reuse",)  # option groups of every stage (and of run): what to
 @dataclass(frozen=True)
 class StageSpec:
     """One stage: its name (subcommand, marker), its inputs, the option groups it takes (besides
-    :data:`COMMON_GROUPS`), its runner, and ``child(options)``: the command that runs it in a child process
-    during ``run``, or None for in-process."""
+    :data:`COMMON_GROUPS`), its runner, and ``child(options, scorer)``: the command that runs it in child
+    processes during ``run`` (under a launcher, data-parallel), or None for in-process."""
 
     name: str
     inputs: tuple[Input, ...]
     groups: tuple[str, ...]
     runner: Runner
-    child: Callable[[PipelineOptions], list[str] | None] = in_process
+    child: Callable[[PipelineOptions, Any], list[str] | None] = in_process
     help: str = ""  # of its subcommand
 
     @property
@@ -174,16 +184,13 @@ def _train(i: Inputs, out: Path, o: PipelineOptions, scorer: Any) -> Path:
     return train.run_train(i["model"], i["data"], out, o.train, o.model)
 
 
-def _generate_child(o: PipelineOptions) -> list[str] | None:
-    """vLLM generates in a child process, which returns its GPU memory before the next stages."""
-    backend = o.generate.generation_backend
-    return cli_command(None) if backend == "vllm" or (backend == "auto" and vllm_usable()) else None
-
-
-def _train_child(o: PipelineOptions) -> list[str] | None:
-    """Several training processes start under the launcher."""
-    launcher = o.run.launcher or default_launcher()
-    return cli_command(launcher) if launcher else None
+def _generate_child(o: PipelineOptions, _scorer: Any) -> list[str] | None:
+    """vLLM: one engine process per --tensor-parallel-size GPUs, each on its own GPUs; a child process even on one
+    GPU, so the engine's memory is returned before the next stage. HF: one process per GPU."""
+    if engine_name(o.generate) == "hf":
+        return on_every_gpu(o, None)
+    engines = max(1, len(visible_devices()) // o.generate.tensor_parallel_size)
+    return launched(o, engines) or cli_command(None)
 
 
 # fmt: off
@@ -192,13 +199,13 @@ STAGES: tuple[StageSpec, ...] = (  # in the order run runs them
     StageSpec(schema.GENERATE_STAGE, (MODEL, PROMPTS),       ("prompts", "model", "generate"), _generate,
               child=_generate_child, help="sample K responses per prompt"),
     StageSpec(schema.RANK_STAGE,     (GENERATIONS,),         ("rank",),                        _rank,
-              help="judge the responses pairwise (PairRM)"),
+              child=on_every_gpu, help="judge the responses pairwise (PairRM)"),
     StageSpec(schema.TARGETS_STAGE,  (GENERATIONS, RANKINGS), ("targets",),                    _targets,
               help="win-rate targets from the judge logits"),
     StageSpec(schema.REFLOGPS_STAGE, (MODEL, TARGETS),       ("model", "reflogps"),            _reflogps,
-              help="tokenise and store log-probs under π_t"),
+              child=on_every_gpu, help="tokenise and store log-probs under π_t"),
     StageSpec(schema.TRAIN_STAGE,    (MODEL, DATA),          ("model", "train"),               _train,
-              child=_train_child, help="one SPPO epoch with DeepSpeed"),
+              child=on_every_gpu, help="one SPPO epoch with DeepSpeed"),
 )
 # fmt: on
 STAGE_NAMES = tuple(s.name for s in STAGES)

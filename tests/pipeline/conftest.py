@@ -20,9 +20,10 @@ from sppo_kernels.pipeline.core.prompts import Prompt, PromptOptions, load_promp
 from sppo_kernels.pipeline.demo.assets import build_pairrm, build_policy
 from sppo_kernels.pipeline.models.judge import RankOptions
 from sppo_kernels.pipeline.models.sampling import GenerateOptions
-from sppo_kernels.pipeline.run import PipelineOptions, RunOptions, run_pipeline
+from sppo_kernels.pipeline.run import run_pipeline
 from sppo_kernels.pipeline.stages.reflogps import RefLogpsOptions
 from sppo_kernels.pipeline.stages.train import TrainOptions
+from sppo_kernels.pipeline.table import PipelineOptions, RunOptions
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -2,4 +2,6 @@
 
 from pathlib import Path
 
-PROMPTS_FILE = Path(__file__).parent / "data" / "prompts.jsonl"  # 48 short prompts (jsonl, "prompt" column)
+HERE = Path(__file__).parent
+PROMPTS_FILE = HERE / "data" / "prompts.jsonl"  # 48 short prompts (jsonl, "prompt" column)
+FAKE_VLLM = HERE / "fake_vllm"  # put on sys.path (or PYTHONPATH) to import the fake ``vllm``

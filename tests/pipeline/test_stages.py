@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.machinery
 import sys
-import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from pipeline_data import FAKE_VLLM
 
 from sppo_kernels.pipeline.core import schema, store
 from sppo_kernels.pipeline.core.errors import PipelineError
@@ -61,60 +61,25 @@ def test_generate_rejects_bad_input(tmp_path: Path, policy: Path, prompts: list[
         run_generate(str(policy), prompts[:2], tmp_path, GenerateOptions(generation_backend="vllm"))
 
 
-class FakeVLLM:
-    """Records what the pipeline asks of vLLM; answers deterministically from the request seed."""
-
-    def __init__(self) -> None:
-        self.module = types.ModuleType("vllm")
-        self.module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
-        self.engine_kwargs: dict[str, Any] = {}
-        self.calls: list[tuple[list[dict], dict]] = []
-        fake = self
-
-        class SamplingParams:
-            def __init__(self, **kwargs: Any) -> None:
-                self.kwargs = kwargs
-
-        class LLM:
-            def __init__(self, **kwargs: Any) -> None:
-                fake.engine_kwargs = kwargs
-
-            def generate(self, requests: list[dict], params: SamplingParams, use_tqdm: bool = True) -> list[Any]:
-                fake.calls.append((requests, params.kwargs))
-                seed = params.kwargs["seed"]
-                return [
-                    types.SimpleNamespace(
-                        outputs=[
-                            types.SimpleNamespace(
-                                text=f"answer {seed % 1000} to {len(r['prompt_token_ids'])} tokens",
-                                finish_reason="length" if i % 2 else "stop",
-                                token_ids=list(range(3 + i)),
-                            )
-                        ]
-                    )
-                    for i, r in enumerate(requests)
-                ]
-
-        self.module.LLM, self.module.SamplingParams = LLM, SamplingParams
-
-
 def test_vllm_glue(tmp_path: Path, policy: Path, prompts: list[Prompt], monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeVLLM()
-    monkeypatch.setitem(sys.modules, "vllm", fake.module)
+    monkeypatch.syspath_prepend(str(FAKE_VLLM))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
     assert sampling.vllm_usable()
     options = GenerateOptions(num_responses=2, generation_shard_size=2, tensor_parallel_size=4)
     rows = store.read_jsonl(run_generate(str(policy), prompts[:3], tmp_path, options))
 
-    assert fake.engine_kwargs["model"] == str(policy) and fake.engine_kwargs["tensor_parallel_size"] == 4
-    assert fake.engine_kwargs["trust_remote_code"] is False
-    assert len(fake.calls) == 4  # 2 passes x 2 shards
-    seeds = [params["seed"] for _, params in fake.calls]
+    (engine,) = importlib.import_module("vllm").ENGINES
+    assert engine.kwargs["model"] == str(policy) and engine.kwargs["tensor_parallel_size"] == 4
+    assert engine.kwargs["trust_remote_code"] is False and engine.devices == "0,1,2,3"
+    assert len(engine.calls) == 4  # 2 passes x 2 shards
+    seeds = [params["seed"] for _, params in engine.calls]
     assert len(set(seeds)) == 4
-    for _, params in fake.calls:
+    for _, params in engine.calls:
         assert (params["temperature"], params["top_p"], params["max_tokens"]) == (0.7, 0.9, 2048)
     tokenizer = chat.load_tokenizer(str(policy))
-    first_request = fake.calls[0][0][0]["prompt_token_ids"]
+    first_request = engine.calls[0][0][0]["prompt_token_ids"]
     assert first_request == chat.encode_prompt(tokenizer, prompts[0].messages)
     assert first_request.count(tokenizer.bos_token_id) == 1  # token ids in, so vLLM adds no second BOS
     assert rows[0]["responses"][0] == f"answer {seeds[0] % 1000} to {len(first_request)} tokens"

@@ -10,7 +10,12 @@ a :class:`Stage`: it says what its work depends on (:meth:`Stage.fingerprint`), 
 2. run the units, each persisted as it finishes (:func:`~sppo_kernels.pipeline.core.store.run_units`), so a
    killed stage resumes where it stopped;
 3. write the outputs, then the completion marker with the summary, the options, the fingerprint and the time,
-   and print the stage's one-line report. Under a launcher, process 0 does this step and the others wait.
+   and print the stage's one-line report.
+
+Under a launcher (``torchrun``, DeepSpeed's launcher, ``srun``: see :mod:`.distributed`) every process runs the
+same stage: process 0 computes the fingerprint and decides what is finished, the units are shared out among the
+processes (each writes only its own unit files), then process 0 merges them, writes the outputs and the marker,
+and the others wait at a barrier. The outputs are the same bytes whatever the number of processes.
 
 A stage that is not a list of units (training) overrides :meth:`Stage.compute`.
 """
@@ -46,6 +51,7 @@ class Stage(ABC):
 
     name: str  # the marker's name and the units folder's (``<name>_units``): a class attribute, or set per instance
     quiet: ClassVar[bool] = False
+    backend: str = "gloo"  # of the process group under a launcher (see core.distributed.join)
 
     def __init__(self, folder: str | Path, options: Any) -> None:
         self.folder = Path(folder)
@@ -72,8 +78,9 @@ class Stage(ABC):
         """How far ``unit`` advances the progress bar (e.g. its number of prompts)."""
         return 1
 
-    def compute(self, fingerprint: Fingerprint) -> list[Rows]:
-        """Run the units (resuming from finished unit files); returns their rows in order."""
+    def compute(self, fingerprint: Fingerprint) -> list[Rows] | None:
+        """Run the units (resuming from finished unit files, sharing them out among the launcher's processes);
+        returns their rows in order on process 0 (None on the others)."""
         if not self.units:
             return []
         return run_units(
@@ -82,7 +89,6 @@ class Stage(ABC):
             self.work,
             fingerprint=fingerprint,
             desc=self.progress_label,
-            total=sum(self.size(unit) for unit in self.units),
             weight=self.size,
         )
 
@@ -102,15 +108,21 @@ class Stage(ABC):
 
 
 def run_stage(stage: Stage) -> Path:
-    """Run ``stage`` by the protocol of the module docstring; returns its output."""
-    fingerprint = stage.fingerprint()
-    if _finished(stage, fingerprint):
+    """Run ``stage`` by the protocol of the module docstring, in this process alone or as one rank of the
+    launcher's processes (which join their process group here); returns its output."""
+    distributed.join(stage.backend)
+    fingerprint = distributed.on_rank_zero(stage.fingerprint)  # model folders are hashed once, not per rank
+    if distributed.on_rank_zero(lambda: _finished(stage, fingerprint)):
         return stage.output
     started = time.perf_counter()
     computed = stage.compute(fingerprint)
+    seconds = distributed.gather(round(time.perf_counter() - started, 2))
     if distributed.rank() == 0:  # one process writes the outputs and the marker; the others wait for it
         summary, report = stage.finish(computed)
         summary = {**summary, "seconds": round(time.perf_counter() - started, 2)}
+        if len(seconds) > 1:
+            summary["rank_seconds"] = seconds
+            report += f" (per rank: {', '.join(f'{s:.1f}' for s in seconds)}s)"
         if stage.options is not None:
             summary["options"] = to_record(stage.options)
         mark_done(stage.folder, stage.name, {**summary, "fingerprint": fingerprint.record})

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
+from sppo_kernels.pipeline.core import distributed
 from sppo_kernels.pipeline.core.errors import PipelineError
 from sppo_kernels.pipeline.core.fingerprint import Fingerprint, canonical
 from sppo_kernels.pipeline.core.options import opt
@@ -34,6 +36,7 @@ from sppo_kernels.pipeline.core.schema import marker_path
 
 T = TypeVar("T")
 UNIT_TRAILER = "_unit"  # the last line of a unit file: {"_unit": {"rows": n, "fingerprint": digest}}
+POLL_SECONDS = 0.5  # how often process 0 looks for the other ranks' finished units
 
 
 class StaleWorkError(PipelineError):
@@ -232,25 +235,16 @@ def _read_unit(path: Path, digest: str, fingerprint: Fingerprint) -> list[dict[s
     return None
 
 
-def run_units(
-    folder: str | os.PathLike[str],
-    units: Sequence[T],
-    work: Callable[[int, T], list[dict[str, Any]]],
-    *,
-    fingerprint: Fingerprint,
-    desc: str,
-    total: int | None = None,
-    weight: Callable[[T], int] = lambda _unit: 1,
-) -> list[list[dict[str, Any]]]:
-    """Run ``work(i, unit)`` for each unit, persisting each result as ``folder/unit-<i>.jsonl``.
+def unit_digest(fingerprint: Fingerprint, unit: Any) -> str:
+    """The sha256 of the stage's fingerprint and of the unit itself (so a changed shard size never reuses a unit);
+    the number of processes is not part of it."""
+    return hashlib.sha256(f"{fingerprint.digest}\n{canonical(unit)}".encode()).hexdigest()
 
-    Units whose file holds the same unit (its end line carries the sha256 of the stage's fingerprint and of the
-    unit itself, so a changed shard size never reuses a unit) are loaded instead of recomputed, so a killed
-    stage resumes where it stopped. ``folder/fingerprint.json`` records the stage's fingerprint: units of
-    another one are settled by :func:`settle_stale` before any is read. ``weight(unit)`` advances the progress
-    bar (e.g. the number of prompts in it). Returns the results in order.
-    """
-    folder = Path(folder)
+
+def missing_units(folder: Path, digests: Sequence[str], fingerprint: Fingerprint) -> list[int]:
+    """Prepare the units folder and list the units still to compute: ``fingerprint.json`` records the stage's
+    fingerprint (units of another one are settled by :func:`settle_stale` before any is read), unit files past
+    the end of a shorter layout are removed, and a unit is missing unless its file holds that very unit."""
     record = folder / "fingerprint.json"
     stored = read_json(record) if record.is_file() else None
     if (stored is not None or any(folder.glob("unit-*.jsonl"))) and not settle_stale(
@@ -260,21 +254,59 @@ def run_units(
     folder.mkdir(parents=True, exist_ok=True)
     if stored is None:
         write_json(record, fingerprint.record)
-    for path in folder.glob("unit-*.jsonl"):  # units past the end of a shorter layout
-        if not path.stem[5:].isdigit() or int(path.stem[5:]) >= len(units):
+    for path in folder.glob("unit-*.jsonl"):
+        if not path.stem[5:].isdigit() or int(path.stem[5:]) >= len(digests):
             path.unlink()
-    results: list[list[dict[str, Any]]] = []
-    with tqdm(total=total, desc=desc, disable=None, dynamic_ncols=True) as bar:
-        for index, unit in enumerate(units):
-            path = _unit_path(folder, index)
-            digest = hashlib.sha256(f"{fingerprint.digest}\n{canonical(unit)}".encode()).hexdigest()
-            rows = _read_unit(path, digest, fingerprint) if path.is_file() else None
-            if rows is None:
-                rows = work(index, unit)
-                write_jsonl(path, [*rows, {UNIT_TRAILER: {"rows": len(rows), "fingerprint": digest}}])
-            results.append(rows)
-            bar.update(weight(unit))
-    return results
+    return [
+        index
+        for index, digest in enumerate(digests)
+        if not _unit_path(folder, index).is_file() or _read_unit(_unit_path(folder, index), digest, fingerprint) is None
+    ]
+
+
+def run_units(
+    folder: str | os.PathLike[str],
+    units: Sequence[T],
+    work: Callable[[int, T], list[dict[str, Any]]],
+    *,
+    fingerprint: Fingerprint,
+    desc: str,
+    weight: Callable[[T], int] = lambda _unit: 1,
+) -> list[list[dict[str, Any]]] | None:
+    """Run ``work(i, unit)`` for each unit not finished yet, persisting each result as ``folder/unit-<i>.jsonl``,
+    and return every unit's rows in order on rank 0 (None on the other ranks).
+
+    Under a launcher, process 0 decides which units are missing (:func:`missing_units`) and the k-th missing unit
+    goes to rank k mod the number of processes; each rank writes only its own unit files, and process 0 shows one
+    progress bar over all ranks' units (``weight(unit)``: e.g. the number of prompts in it). A killed stage
+    resumes with any number of processes and redoes only the missing units.
+    """
+    folder = Path(folder)
+    digests = [unit_digest(fingerprint, unit) for unit in units]
+    missing = distributed.on_rank_zero(lambda: missing_units(folder, digests, fingerprint))
+    mine = missing[distributed.rank() :: distributed.world_size()]
+    lead = distributed.rank() == 0
+    total = sum(weight(unit) for unit in units)
+    done = total - sum(weight(units[i]) for i in missing)
+    with tqdm(total=total, initial=done, desc=desc, disable=None if lead else True, dynamic_ncols=True) as bar:
+
+        def show_progress() -> bool:
+            finished = [i for i in missing if _unit_path(folder, i).is_file()]
+            bar.update(done + sum(weight(units[i]) for i in finished) - bar.n)
+            return len(finished) == len(missing)
+
+        for index in mine:
+            rows = work(index, units[index])
+            trailer = {UNIT_TRAILER: {"rows": len(rows), "fingerprint": digests[index]}}
+            write_jsonl(_unit_path(folder, index), [*rows, trailer])
+            if lead:
+                show_progress()
+        while lead and not show_progress():  # the other ranks' units
+            time.sleep(POLL_SECONDS)
+    distributed.barrier()
+    if not lead:
+        return None
+    return [_read_unit(_unit_path(folder, i), digest, fingerprint) for i, digest in enumerate(digests)]
 
 
 def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:

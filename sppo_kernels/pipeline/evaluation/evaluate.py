@@ -28,7 +28,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from sppo_kernels.pipeline.core import schema
+from sppo_kernels.pipeline.core import distributed, schema
 from sppo_kernels.pipeline.core.errors import PipelineError
 from sppo_kernels.pipeline.core.fingerprint import (
     Fingerprint,
@@ -359,11 +359,14 @@ def evaluate(
         policies, prompts_source, out, options, generate_options or GenerateOptions(), model_options or ModelOptions(),
         rank_options or RankOptions(), prompt_options or PromptOptions(), samplers or {},
     )  # fmt: skip
-    evaluation.settle_settings()
+    distributed.join()
+    distributed.on_rank_zero(evaluation.settle_settings)
     for name, judge in (judges or {DEFAULT_JUDGE: None}).items():
         run_stage(Evaluate(evaluation, name, judge))
     rows = finished_rows(evaluation.work_dir)
-    write_reports(evaluation.out, rows)
+    if distributed.rank() == 0:
+        write_reports(evaluation.out, rows)
+    distributed.barrier()
     return rows
 
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 import sppo_kernels as sk
 from sppo_kernels.integrations.batching import prompt_masked_labels, right_pad
+from sppo_kernels.pipeline.core import distributed
 from sppo_kernels.pipeline.core.errors import PipelineError
 from sppo_kernels.pipeline.core.options import opt
 
@@ -38,9 +39,9 @@ class ModelOptions:
 
 
 def default_device() -> torch.device:
-    """``cuda:<LOCAL_RANK>`` when CUDA is present, else the CPU."""
+    """``cuda:<LOCAL_RANK>`` when CUDA is present (one GPU per process of a launcher), else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", distributed.local_rank() % torch.cuda.device_count())
     return torch.device("cpu")
 
 

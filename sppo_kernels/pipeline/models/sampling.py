@@ -8,12 +8,15 @@ default) and how the generate stage splits its work; the evaluation samples with
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from sppo_kernels.pipeline.core import distributed
+from sppo_kernels.pipeline.core.distributed import engine_devices, visible_devices
 from sppo_kernels.pipeline.core.errors import PipelineError
 from sppo_kernels.pipeline.core.options import at_least, between, opt
 from sppo_kernels.pipeline.core.store import chunks
@@ -70,11 +73,17 @@ def vllm_usable() -> bool:
 
 
 class VLLMSampler:
-    """vLLM engine fed with token ids (so vLLM adds no second BOS); one request seed per unit."""
+    """vLLM engine fed with token ids (so vLLM adds no second BOS); one request seed per unit.
+
+    Under a launcher, each process runs one engine on its own ``tensor_parallel_size`` GPUs: the local rank's
+    group of the visible devices, set as ``CUDA_VISIBLE_DEVICES`` before the engine (its own process) starts.
+    """
 
     def __init__(self, model: str, options: GenerateOptions, *, trust_remote_code: bool = False) -> None:
         import vllm
 
+        devices = engine_devices(visible_devices(), distributed.local_rank(), options.tensor_parallel_size)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
         self._vllm = vllm
         self.options = options
         self.llm = vllm.LLM(

@@ -111,22 +111,23 @@ class TrainOptions:
 # --------------------------------------------------------------------------- distributed setup and config
 
 
-def ensure_distributed() -> None:
-    """Join the process group of a launcher (torchrun / deepspeed), or make a one-process group.
+def training_backend() -> str:
+    """The process group backend of training: NCCL on GPUs, else gloo."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
 
-    The one-process group uses an in-memory store, so it needs no free TCP port.
-    """
+
+def ensure_distributed() -> None:
+    """The process group DeepSpeed trains in: the launcher's (joined by the stage protocol), or a one-process
+    group with an in-memory store (no TCP port needed) when there is no launcher."""
     import deepspeed
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if "RANK" not in os.environ:  # no launcher; RANK stays unset so that child processes start their own
-            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if not dist.is_initialized():  # no launcher; RANK stays unset so that child processes start their own
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed reads it
+        dist.init_process_group(training_backend(), store=dist.HashStore(), rank=0, world_size=1)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(distributed.local_rank())
+    deepspeed.init_distributed(dist_backend=training_backend(), auto_mpi_discovery=False)
 
 
 def _is_auto(config: dict[str, Any], key: str) -> bool:
@@ -402,6 +403,10 @@ class Train(Stage):
     the checkpoints (after the marker: a kill during the removal leaves a finished stage)."""
 
     name = schema.TRAIN_STAGE
+
+    @property
+    def backend(self) -> str:  # type: ignore[override]
+        return training_backend()
 
     def __init__(self, model: str, data: str | Path, folder: str | Path, options: TrainOptions,
                  model_options: ModelOptions) -> None:  # fmt: skip
