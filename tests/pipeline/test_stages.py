@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.machinery
+import importlib
+import math
 import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from sppo_kernels.pipeline.core.errors import PipelineError
 from sppo_kernels.pipeline.core.prompts import Prompt
 from sppo_kernels.pipeline.models import chat, judge, sampling
 from sppo_kernels.pipeline.models.judge import PairRMScorer, RankOptions
+from sppo_kernels.pipeline.models.policy import ModelOptions
 from sppo_kernels.pipeline.models.sampling import GenerateOptions
 from sppo_kernels.pipeline.stages.generate import run_generate
 from sppo_kernels.pipeline.stages.rank import run_rank
@@ -231,3 +234,18 @@ def test_reflogps_errors(tmp_path: Path, policy: Path) -> None:
     store.write_jsonl(tmp_path / "t.jsonl", [{"id": 0}])
     with pytest.raises(PipelineError, match=r"row 1 lacks \['messages'"):
         run_reflogps(str(policy), tmp_path / "t.jsonl", tmp_path, RefLogpsOptions())
+
+
+def test_a_model_larger_than_one_gpu_is_refused_before_loading(policy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from safetensors import safe_open
+
+    from sppo_kernels.pipeline.models import policy as policy_module
+
+    with safe_open(str(policy / "model.safetensors"), "pt") as f:
+        numel = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())  # noqa: SIM118
+    size = policy_module.weights_bytes(str(policy), torch.bfloat16)
+    assert size == 2 * numel and policy_module.weights_bytes("owner/hub-model", torch.bfloat16) is None
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _device: types.SimpleNamespace(total_memory=size))
+    monkeypatch.setattr(policy_module, "load_causal_lm", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(PipelineError, match=r"reflogps: the weights of .* take .* GiB in bfloat16, more than 90% of"):
+        policy_module.load_whole_model(str(policy), ModelOptions(), device=torch.device("cuda", 0), what="reflogps")

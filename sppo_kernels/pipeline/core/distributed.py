@@ -57,6 +57,23 @@ def join(backend: str = "gloo") -> None:
     if missing:
         raise PipelineError(f"{world} processes but {' and '.join(missing)} unset: set them as for torch.distributed")
     dist.init_process_group(backend, rank=int(os.environ["RANK"]), world_size=world, timeout=WAIT)
+    if dist.get_rank() > 0:
+        quiet()
+
+
+def quiet() -> None:
+    """Keep a rank other than 0 off the console: no progress bars or notices of the libraries that load models
+    (rank 0 shows the stage's one progress bar over all ranks' units, and its report)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import datasets
+    except ImportError:
+        return
+    datasets.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
 
 
 def rank() -> int:

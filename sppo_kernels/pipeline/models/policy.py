@@ -6,8 +6,11 @@ The log-probs and the loss themselves come from the model-level recipe, :mod:`sp
 from __future__ import annotations
 
 import importlib.util
+import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,6 +39,9 @@ class ModelOptions:
     kernel_backend: str = opt(  # every backend computes the same log-probs up to rounding: not fingerprinted
         "auto", "sppo_kernels backend for the log-probs and the loss", sk.BACKENDS, fingerprinted=False
     )
+
+
+ONE_GPU_FRACTION = 0.9  # of a GPU's memory that one whole copy of a model's weights may take
 
 
 def default_device() -> torch.device:
@@ -87,6 +93,36 @@ def load_causal_lm(path: str, options: ModelOptions, *, device: torch.device, dt
         trust_remote_code=options.trust_remote_code,
         attn_implementation=pick_attn_implementation(config, options.attn_implementation, device),
     )
+
+
+def weights_bytes(path: str, dtype: torch.dtype) -> int | None:
+    """The bytes a local model folder's weights take in ``dtype``: from the safetensors headers (other formats:
+    their file sizes); None for a hub name (nothing is downloaded to find out)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    total = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__") * dtype.itemsize
+    return total + sum(file.stat().st_size for pattern in ("*.bin", "*.pt", "*.pth") for file in folder.glob(pattern))
+
+
+def load_whole_model(path: str, options: ModelOptions, *, device: torch.device, what: str) -> Any:
+    """A whole copy of the model on ``device``, in eval mode (bf16 on GPUs, fp32 on the CPU). On a GPU, a model
+    whose weights exceed :data:`ONE_GPU_FRACTION` of its memory is refused before loading (``what``: the stage)."""
+    dtype = default_dtype(device)
+    size = weights_bytes(path, dtype) if device.type == "cuda" else None
+    if size is not None:
+        memory = torch.cuda.get_device_properties(device).total_memory
+        if size > ONE_GPU_FRACTION * memory:
+            raise PipelineError(
+                f"{what}: the weights of {path} take {size / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')}, "
+                f"more than {ONE_GPU_FRACTION:.0%} of the {memory / 2**30:.1f} GiB of {device}; this stage runs one "
+                "whole copy of the model per GPU (ZeRO-3 inference is not implemented): use GPUs with more memory"
+            )
+    return load_causal_lm(path, options, device=device, dtype=dtype).to(device).eval()
 
 
 def pad_batch(rows: Sequence[dict[str, Any]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

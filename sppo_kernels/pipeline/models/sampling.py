@@ -20,7 +20,7 @@ from sppo_kernels.pipeline.core.distributed import engine_devices, visible_devic
 from sppo_kernels.pipeline.core.errors import PipelineError
 from sppo_kernels.pipeline.core.options import at_least, between, opt
 from sppo_kernels.pipeline.core.store import chunks
-from sppo_kernels.pipeline.models.policy import ModelOptions, default_device, default_dtype, load_causal_lm
+from sppo_kernels.pipeline.models.policy import ModelOptions, default_device, load_whole_model
 
 
 @dataclass
@@ -119,8 +119,7 @@ class HFSampler:
         self.options = options
         self.tokenizer = tokenizer
         self.device = default_device()
-        self.model = load_causal_lm(model, model_options, device=self.device, dtype=default_dtype(self.device))
-        self.model.to(self.device).eval()
+        self.model = load_whole_model(model, model_options, device=self.device, what="generation")
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = tokenizer.eos_token_id

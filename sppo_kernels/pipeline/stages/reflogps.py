@@ -31,8 +31,7 @@ from sppo_kernels.pipeline.models import chat
 from sppo_kernels.pipeline.models.policy import (
     ModelOptions,
     default_device,
-    default_dtype,
-    load_causal_lm,
+    load_whole_model,
     pad_batch,
 )
 
@@ -135,8 +134,7 @@ class RefLogps(Stage):
     @cached_property
     def policy(self) -> Any:
         """π_t, loaded at the first unit: a fully resumed stage loads no model."""
-        model = load_causal_lm(self.model, self.model_options, device=self.device, dtype=default_dtype(self.device))
-        return model.to(self.device).eval()
+        return load_whole_model(self.model, self.model_options, device=self.device, what=self.name)
 
     @cached_property
     def device(self) -> torch.device:

@@ -1,0 +1,92 @@
+"""Wall time of each ``sppo-train`` stage with 1 and with N processes (``torchrun``, CPU: gloo, one thread per
+process) on the demo's models and settings, and whether the artefacts are the same bytes.
+
+    sppo-train demo --out /tmp/demo                   # builds the tiny policy and PairRM (and runs the demo)
+    python benchmarks/stage_scaling.py --demo /tmp/demo --out /tmp/scaling
+
+It replays iteration 1 of the demo's run (its prompts, the base policy) stage by stage, then an evaluation of
+the base policy and the demo's iteration-1 policy, once per process count, in the same run. Training is not
+expected to give the same bytes (ZeRO partitions its reductions by process count); the other artefacts are.
+Times include starting the processes (Python, torch and the model load: a few seconds per stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sppo_kernels.pipeline.core import schema
+from sppo_kernels.pipeline.core.options import to_argv
+from sppo_kernels.pipeline.demo.replica import DemoConfig, replica_options
+from sppo_kernels.pipeline.table import STAGES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch(processes: int, argv: list[str]) -> float:
+    """Seconds that ``torchrun --nproc_per_node <processes> sppo-train ARGV`` takes; fails loudly."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    started = time.perf_counter()
+    result = subprocess.run([*command, "-m", "sppo_kernels.pipeline.cli", *argv], env=env, capture_output=True,
+                            text=True, check=False)  # fmt: skip
+    if result.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(argv[:1])}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    return time.perf_counter() - started
+
+
+def replay(demo: Path, out: Path, processes: int, most: int) -> dict[str, float]:
+    """Iteration 1 of the demo's run and an evaluation in ``out`` with ``processes`` processes per stage (training
+    micro-batches sized for ``most`` processes, the same in every replay)."""
+    run = demo / schema.DEMO_RUN
+    eval_prompts = demo / schema.DEMO_DATA / "eval_prompts.jsonl"
+    config = DemoConfig()
+    micro = {"micro_batch_size": config.global_batch_size // most}
+    options = replica_options(dataclasses.replace(config, train=micro), demo / schema.DEMO_ASSETS / "pairrm",
+                              eval_prompts)  # fmt: skip
+    policy = str(demo / schema.DEMO_ASSETS / "policy-llama")
+    folder = schema.iteration_dir(out, 1)
+    seconds = {}
+    for spec in STAGES:
+        inputs = {i.name: policy if i.artefact is None else str(i.artefact.path(folder)) for i in spec.inputs}
+        if spec.name == schema.GENERATE_STAGE:
+            inputs["prompts"] = str(schema.PROMPTS.path(schema.iteration_dir(run, 1)))
+        seconds[spec.name] = launch(1 if spec.name == schema.TARGETS_STAGE else processes,
+                                    spec.argv(inputs, folder, options))  # fmt: skip
+    flags = [flag for group in ("generate", "rank", "evaluate") for flag in to_argv(getattr(options, group))]
+    models = [policy, str(schema.iteration_dir(run, 1) / schema.MODEL_DIR)]  # the demo's: the same in every replay
+    seconds["eval"] = launch(processes, ["eval", "--models", *models, "--out", str(out / "eval"), *flags])
+    return seconds
+
+
+def same_bytes(a: Path, b: Path) -> list[str]:
+    """The artefacts of two replays that differ."""
+    folder = Path(schema.iteration_name(1))
+    names = [folder / artefact.name for artefact in (schema.GENERATIONS, schema.RANKINGS, schema.TARGETS,
+                                                     schema.TRAIN_DATA)]  # fmt: skip
+    names.append(Path("eval") / schema.EVAL_JSON.name)
+    return [str(n) for n in names if (a / n).read_bytes() != (b / n).read_bytes()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demo", type=Path, required=True, help="a folder written by `sppo-train demo --out`")
+    parser.add_argument("--out", type=Path, required=True, help="an empty folder for the replays")
+    parser.add_argument("--processes", type=int, default=2)
+    args = parser.parse_args()
+    times = {n: replay(args.demo, args.out / f"{n}-processes", n, args.processes) for n in (1, args.processes)}
+    print(f"| stage | 1 process | {args.processes} processes | speed-up |\n|---|---|---|---|")
+    for stage, one in times[1].items():
+        many = times[args.processes][stage]
+        print(f"| {stage} | {one:.1f} s | {many:.1f} s | {one / many:.2f}x |")
+    differ = same_bytes(args.out / "1-processes", args.out / f"{args.processes}-processes")
+    print("artefacts: " + ("the same bytes" if not differ else f"DIFFER: {differ}"))
+
+
+if __name__ == "__main__":
+    main()
