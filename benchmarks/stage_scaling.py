@@ -4,10 +4,12 @@ process) on the demo's models and settings, and whether the artefacts are the sa
     sppo-train demo --out /tmp/demo                   # builds the tiny policy and PairRM (and runs the demo)
     python benchmarks/stage_scaling.py --demo /tmp/demo --out /tmp/scaling
 
-It replays iteration 1 of the demo's run (its prompts, the base policy) stage by stage, then an evaluation of
+It runs one iteration (the base policy, the demo's settings, its first ``--prompts`` training prompts: 384, three
+demo iterations' worth, by default) stage by stage, then an evaluation of
 the base policy and the demo's iteration-1 policy, once per process count, in the same run. Training is not
 expected to give the same bytes (ZeRO partitions its reductions by process count); the other artefacts are.
-Times include starting the processes (Python, torch and the model load: a few seconds per stage).
+Times include starting the processes (Python, torch and the model load: a few seconds per stage; ``targets``
+runs in one process both times and shows that cost).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from sppo_kernels.pipeline.core import schema
 from sppo_kernels.pipeline.core.options import to_argv
+from sppo_kernels.pipeline.core.prompts import PromptOptions
 from sppo_kernels.pipeline.demo.replica import DemoConfig, replica_options
 from sppo_kernels.pipeline.table import STAGES
 
@@ -40,22 +43,24 @@ def launch(processes: int, argv: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def replay(demo: Path, out: Path, processes: int, most: int) -> dict[str, float]:
-    """Iteration 1 of the demo's run and an evaluation in ``out`` with ``processes`` processes per stage (training
-    micro-batches sized for ``most`` processes, the same in every replay)."""
+def replay(demo: Path, out: Path, processes: int, most: int, prompts: int) -> dict[str, float]:
+    """One iteration on the first ``prompts`` of the demo's training prompts and an evaluation in ``out`` with
+    ``processes`` processes per stage (training micro-batches sized for ``most`` processes in every replay)."""
     run = demo / schema.DEMO_RUN
     eval_prompts = demo / schema.DEMO_DATA / "eval_prompts.jsonl"
     config = DemoConfig()
     micro = {"micro_batch_size": config.global_batch_size // most}
     options = replica_options(dataclasses.replace(config, train=micro), demo / schema.DEMO_ASSETS / "pairrm",
                               eval_prompts)  # fmt: skip
+    reflogps = dataclasses.replace(options.reflogps, reflogps_shard_size=128)  # several units, as the other stages
+    options = dataclasses.replace(options, prompts=PromptOptions(max_prompts=prompts), reflogps=reflogps)
     policy = str(demo / schema.DEMO_ASSETS / "policy-llama")
     folder = schema.iteration_dir(out, 1)
     seconds = {}
     for spec in STAGES:
         inputs = {i.name: policy if i.artefact is None else str(i.artefact.path(folder)) for i in spec.inputs}
         if spec.name == schema.GENERATE_STAGE:
-            inputs["prompts"] = str(schema.PROMPTS.path(schema.iteration_dir(run, 1)))
+            inputs["prompts"] = str(demo / schema.DEMO_DATA / "train_prompts.jsonl")
         seconds[spec.name] = launch(1 if spec.name == schema.TARGETS_STAGE else processes,
                                     spec.argv(inputs, folder, options))  # fmt: skip
     flags = [flag for group in ("generate", "rank", "evaluate") for flag in to_argv(getattr(options, group))]
@@ -78,8 +83,11 @@ def main() -> None:
     parser.add_argument("--demo", type=Path, required=True, help="a folder written by `sppo-train demo --out`")
     parser.add_argument("--out", type=Path, required=True, help="an empty folder for the replays")
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=384, help="training prompts of the iteration (demo: 128)")
     args = parser.parse_args()
-    times = {n: replay(args.demo, args.out / f"{n}-processes", n, args.processes) for n in (1, args.processes)}
+    times = {
+        n: replay(args.demo, args.out / f"{n}-processes", n, args.processes, args.prompts) for n in (1, args.processes)
+    }
     print(f"| stage | 1 process | {args.processes} processes | speed-up |\n|---|---|---|---|")
     for stage, one in times[1].items():
         many = times[args.processes][stage]

@@ -222,7 +222,8 @@ class Evaluate(Stage):
 
     @property
     def output(self) -> Path:
-        return schema.marker_path(self.folder, self.name)
+        """``eval.json``, written from every finished judge's rows once the judges have run."""
+        return schema.EVAL_JSON.path(self.evaluation.out)
 
     def judge_inputs(self) -> tuple[dict[str, str], RankOptions | None]:
         """The judge's identity and options: PairRM's checkpoint and settings, or a plugged-in scorer's class."""
