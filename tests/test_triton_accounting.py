@@ -63,6 +63,7 @@ def _tanh_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, tanh(tl.load(x_ptr + offs, mask=mask, other=0.0)), mask=mask)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(triton_unavailable_reason(DEVICE) is not None, reason="triton cannot run here")
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # e^{2x} = inf is the intended limit
 def test_tanh_with_one_exp_and_one_division_is_within_two_float32_ulps():
@@ -163,6 +164,7 @@ def test_float32_gemm_availability_by_torch_version():
     assert logit_grad.resolve_dh_accumulation("rounded", cpu, torch.float32) == "float32"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(triton_unavailable_reason(DEVICE) is not None, reason="triton cannot run here")
 def test_float32_accumulation_is_more_exact_than_rounding_each_chunk():
     """bf16 inputs, one vocabulary block per chunk (many chunks): both modes stay within plain bf16 torch's error

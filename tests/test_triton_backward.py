@@ -23,7 +23,10 @@ from sppo_kernels.kernels.logit_grad import chunk_columns
 from sppo_kernels.kernels.lse_forward import wave_splits
 from sppo_kernels.registry import triton_unavailable_reason
 
-pytestmark = pytest.mark.skipif(triton_unavailable_reason(DEVICE) is not None, reason="triton cannot run here")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(triton_unavailable_reason(DEVICE) is not None, reason="triton cannot run here"),
+]
 
 # chunk_bytes=1: every dA chunk is one block of columns wide, so each case runs several vocabulary chunks.
 CHUNKED = TritonConfig(chunk_bytes=1, poison=True)

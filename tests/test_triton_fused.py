@@ -25,7 +25,10 @@ from sppo_kernels.kernels.launch import SM90_TILES
 from sppo_kernels.losses import SPPOObjective
 from sppo_kernels.registry import triton_unavailable_reason
 
-pytestmark = pytest.mark.skipif(triton_unavailable_reason(DEVICE) is not None, reason="triton cannot run here")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(triton_unavailable_reason(DEVICE) is not None, reason="triton cannot run here"),
+]
 
 
 def fused_config(vocab: int, item_size: int, rows: int, **kw) -> TritonConfig:
