@@ -105,7 +105,7 @@ if [ "$PART" = tests ]; then
     "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout=90)
     [ "$DRY" = 1 ] && PYTEST+=(--collect-only)
     step pytest "${TEST_S:-140}" "${PYTEST[@]}"
-    VARIANTS=${SWEEP_VARIANTS:-default,fused-loss,dh-rounded,chunk-256MiB,tiles-128x128x64-w8-s3,tiles-128x256x32-w16-s4,fused-tiles-128x256x64-w16-s3,programs-per-sm-2,atomic-backward}
+    VARIANTS=${SWEEP_VARIANTS:-default,fused-loss,dh-rounded,chunk-256MiB,tiles-128x128x64-w8-s3,tiles-128x128x64-w8-s4,fused-tiles-128x128x64-w8-s3,atomic-backward}
     step sweep "${SWEEP_S:-160}" "$PY" benchmarks/triton_sweep.py --out "$WORK/sweep" --presets "${PRESETS[1]}" \
         --tokens "$TOKENS" --variants "$VARIANTS" "${DEVICE[@]}" "${SWEEP_REPEATS[@]}"
 else

@@ -39,9 +39,10 @@ from benchmarks.workload import PRESETS  # noqa: E402
 from sppo_kernels.kernels.launch import BlockConfig  # noqa: E402
 from sppo_kernels.kernels.logit_grad import resolve_dh_accumulation  # noqa: E402
 
-# Tile candidates of the timing sweep (benchmark-only; the defaults are kernels.launch.SM90_TILES). Each compiles for
-# sm_90 with wgmma and a pipelined K loop at both presets in bfloat16 under Triton 3.6 for the dA and exp kernels;
-# the forward spills a few bytes at 256x128 (python tests/sm90_compile.py --sweep prints which).
+# Tile candidates of the timing sweep (benchmark-only; the defaults are kernels.launch.SM90_TILES). All compile for
+# sm_90 with wgmma and a pipelined K loop at both presets in bfloat16; under Triton 3.6 the 128x128 ones have no
+# spills in any kernel, the wide ones spill 8-12 bytes in one kernel each (python tests/sm90_compile.py --sweep;
+# table in benchmarks/RESULTS.md).
 SWEEP_TILES = {
     "128x128x64-w8-s3": BlockConfig(128, 128, 64, 8, 3, 16),
     "128x128x64-w8-s4": BlockConfig(128, 128, 64, 8, 4, 16),
