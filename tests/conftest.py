@@ -3,6 +3,8 @@
 - Interpret the Triton kernels when there is no GPU. TRITON_INTERPRET must be set before any ``@triton.jit``
   function is decorated, i.e. before sppo_kernels' kernel modules are imported; conftest.py is imported before
   every test module, so this is the place.
+- With ``-m gpu`` (benchmarks/gpu_check.sh on a lent GPU) the Triton backend's own tests run first, so a step
+  stopped at its time limit has the results that matter most.
 - Optional packages (the extras in pyproject.toml) are skipped, not failed: a test module, fixture or test that
   needs one that is not installed (the GPU image has no datasets, deepspeed, trl, llm-blender, liger-kernel,
   cut-cross-entropy) is reported as skipped, naming the package, as ``pytest.importorskip`` would, at collection or
@@ -50,6 +52,11 @@ class OptionalDependencyModule(pytest.Module):
             if package is None:
                 raise
             raise pytest.skip.Exception(f"{package} is not installed", allow_module_level=True) from error
+
+
+def pytest_collection_modifyitems(config, items):
+    if "gpu" in (config.getoption("markexpr") or ""):
+        items.sort(key=lambda item: not item.path.name.startswith("test_triton_"))  # stable: file order otherwise
 
 
 def pytest_pycollect_makemodule(module_path, parent):

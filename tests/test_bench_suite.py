@@ -22,7 +22,6 @@ from benchmarks.providers import PROVIDERS
 from benchmarks.workload import Inputs, Problem, make_inputs
 
 CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.gpu  # on a GPU every provider runs natively on CUDA
 PROBLEM = Problem.create(
     "tiny", 2048 if CUDA else 256, dtype="bfloat16" if CUDA else "float32", device="cuda" if CUDA else "cpu"
 )

@@ -72,7 +72,10 @@ def test_tanh_with_one_exp_and_one_division_is_within_two_float32_ulps():
     out = torch.full_like(x, float("nan"))
     _tanh_kernel[(1,)](x, out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
     want = torch.tanh(x.double())
-    assert (out.double() - want).abs().max() <= 2.4e-7  # two ulps of 1.0 in float32 (max seen: 1.6e-7)
+    # two float32 ulps of 1.0 with exact exp and division (the interpreter: max seen 1.6e-7); a GPU's ex2.approx and
+    # div.full are each within 2 ulps, so allow twice that there
+    bound = 2.4e-7 if DEVICE.type == "cpu" else 4.8e-7
+    assert (out.double() - want).abs().max() <= bound
     assert out[-4:].tolist() == [1.0, -1.0, 1.0, -1.0]  # saturates exactly, no NaN from inf / inf
 
 
