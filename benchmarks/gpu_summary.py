@@ -52,7 +52,9 @@ def sweep_summary(path: Path) -> list[str]:
         )
     by_name = {r["variant"]: r for r in rows}
     default, fused = by_name.get("default", {}), by_name.get("fused-loss", {})
-    if default.get("fwd_bwd_ms") and fused.get("fwd_bwd_ms"):
+    if rows[0].get("device") == "cpu":
+        out.append("verdict fused_sppo_loss: none (Triton interpreter: the timings mean nothing)")
+    elif default.get("fwd_bwd_ms") and fused.get("fwd_bwd_ms"):
         ratio = default["fwd_bwd_ms"] / fused["fwd_bwd_ms"]
         verdict = "make it the default" if ratio > 1.0 else "keep the recomputing default"
         out.append(f"verdict fused_sppo_loss: {ratio:.2f}x the default's speed -> {verdict}")

@@ -226,6 +226,22 @@ def test_cli_writes_each_provider_row_as_soon_as_it_is_measured(tmp_path: Path) 
     assert seen[1]["rows"][0]["provider"] == "naive" and seen[1]["rows"][0]["status"] == "ok"
 
 
+def test_gpu_summary_verdict_on_the_fused_loss(tmp_path: Path) -> None:
+    from benchmarks.gpu_summary import sweep_summary
+
+    def row(variant: str, ms: float, device: str = "NVIDIA H200") -> dict:
+        return {"variant": variant, "preset": "gemma2-9b", "device": device, "forward_ms": 30.0, "fwd_bwd_ms": ms,
+                "peak_extra_mib": 250.0, "deterministic": True, "formula_mib": {"backward": 242.0}}  # fmt: skip
+
+    path = tmp_path / "triton_sweep.jsonl"
+    for fused_ms, verdict in ((80.0, "1.25x the default's speed -> make it the default"),
+                              (125.0, "0.80x the default's speed -> keep the recomputing default")):  # fmt: skip
+        path.write_text("\n".join(json.dumps(r) for r in (row("default", 100.0), row("fused-loss", fused_ms))))
+        assert sweep_summary(path)[-1] == f"verdict fused_sppo_loss: {verdict}"
+    path.write_text(json.dumps(row("default", 100.0, "cpu")) + "\n" + json.dumps(row("fused-loss", 1.0, "cpu")))
+    assert sweep_summary(path)[-1].startswith("verdict fused_sppo_loss: none")
+
+
 @pytest.mark.parametrize("part", ["tests", "bench"])
 def test_gpu_check_dry_run(part: str, tmp_path: Path) -> None:
     """Every step of each device command, run here with the micro preset, the Triton interpreter and the GPU image's
@@ -254,7 +270,7 @@ def test_gpu_check_dry_run(part: str, tmp_path: Path) -> None:
     if part == "tests":
         counts = re.search(r"^pytest counts: (.*)$", summary, flags=re.M).group(1)
         assert "error" not in counts and int(re.match(r"(\d+)/\d+ tests collected", counts).group(1)) > 20, counts
-        assert "sweep/triton_sweep.jsonl" in names and "verdict fused_sppo_loss" in summary
+        assert "sweep/triton_sweep.jsonl" in names and "verdict fused_sppo_loss: none (Triton interpreter" in summary
     else:
         assert {"bench-1/loss_bench_micro_bfloat16_cpu.json", "RESULTS-gpu.md"} <= names
         assert re.search(r"liger-flce \| skipped: liger-kernel is not installed", summary), summary
