@@ -230,45 +230,13 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run_benchmark(config: Config) -> dict:
-    """Measure every selected provider on every problem; returns the report (rows with ratios, machine, config)."""
-    started = time.time()
-    problems = config.problems()
-    providers = [PROVIDERS[p] if isinstance(p, str) else p for p in (config.providers or select(None))]
-    runnable = [p for p in providers if any(p.unavailable(problem) is None for problem in problems)]
-    kinds = sorted({p.targets for p in runnable})
-    jobs = {"warmup": config.warmup, "repeats": config.repeats, "budget_s": config.budget_s}
-    with tempfile.TemporaryDirectory(prefix="loss_bench_") as tmp:
-        workdir = Path(tmp)
-        _progress(f"reference ({', '.join(kinds) or 'none'} targets) for {[p.tokens for p in problems]} tokens …")
-        if config.isolate:
-            spec = {"kind": "reference", "problems": [_problem_state(p) for p in problems], "targets": kinds}
-            env, failure = _spawn("reference", spec, config, workdir)
-            env = env or {}
-            if failure:
-                _progress(f"  reference failed: {failure} (errors will not be checked)")
-        else:
-            env = reference_job(problems, kinds, workdir)
-        rows: list[dict] = []
-        for index, provider in enumerate(providers, 1):
-            _progress(f"[{index}/{len(providers)}] {provider.name} ({time.time() - started:.0f} s)")
-            if provider not in runnable:
-                rows += [_row(provider, problem) | {"reason": provider.unavailable(problem)} for problem in problems]
-                continue
-            if not config.isolate:
-                rows += provider_job(provider, problems, workdir, **jobs)
-                continue
-            if provider.name not in PROVIDERS or PROVIDERS[provider.name] is not provider:
-                raise ValueError(f"provider {provider.name!r} is not registered; run it with isolate=False")
-            spec = {"kind": "provider", "provider": provider.name, "problems": [_problem_state(p) for p in problems]}
-            done, failure = _spawn(provider.name, spec | jobs, config, workdir)
-            done = list(done or [])
-            rows += done
-            for problem in problems[len(done) :]:
-                rows.append(_row(provider, problem) | {"status": "error", "reason": failure or "worker wrote nothing"})
+def _result(config: Config, problems: list[Problem], env: dict, rows: list[dict], started: float,
+            complete: bool) -> dict:  # fmt: skip
+    """The report so far: rows with ratios, machine, config; ``complete`` is False while providers remain."""
     result = {
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
         "elapsed_s": round(time.time() - started, 1),
+        "complete": complete,
         "config": {
             "preset": config.preset,
             "dtype": config.dtype,
@@ -283,10 +251,62 @@ def run_benchmark(config: Config) -> dict:
         "machine": env.get("machine") or measure.machine_info(torch.device("cpu")),
         "matmul_peak": env.get("matmul_peak", {}),
         "reference_precision": env.get("reference_precision", {}),
-        "rows": rows,
+        "rows": list(rows),
     }
     report.add_ratios(result)
     return result
+
+
+def _reference(config: Config, problems: list[Problem], kinds: list[str], workdir: Path) -> dict:
+    """Machine facts, matmul peaks and reference precision, from the reference job (in its own process)."""
+    _progress(f"reference ({', '.join(kinds) or 'none'} targets) for {[p.tokens for p in problems]} tokens …")
+    if not config.isolate:
+        return reference_job(problems, kinds, workdir)
+    spec = {"kind": "reference", "problems": [_problem_state(p) for p in problems], "targets": kinds}
+    env, failure = _spawn("reference", spec, config, workdir)
+    if failure:
+        _progress(f"  reference failed: {failure} (errors will not be checked)")
+    return env or {}
+
+
+def _provider_rows(provider: Provider, problems: list[Problem], runnable: bool, config: Config,
+                   workdir: Path) -> list[dict]:  # fmt: skip
+    """The rows of one provider over every problem: measured (in a worker unless ``config.isolate`` is off), or
+    saying why not."""
+    if not runnable:
+        return [_row(provider, problem) | {"reason": provider.unavailable(problem)} for problem in problems]
+    jobs = {"warmup": config.warmup, "repeats": config.repeats, "budget_s": config.budget_s}
+    if not config.isolate:
+        return provider_job(provider, problems, workdir, **jobs)
+    if provider.name not in PROVIDERS or PROVIDERS[provider.name] is not provider:
+        raise ValueError(f"provider {provider.name!r} is not registered; run it with isolate=False")
+    spec = {"kind": "provider", "provider": provider.name, "problems": [_problem_state(p) for p in problems]}
+    done, failure = _spawn(provider.name, spec | jobs, config, workdir)
+    done = list(done or [])
+    missing = problems[len(done) :]
+    return done + [
+        _row(provider, p) | {"status": "error", "reason": failure or "worker wrote nothing"} for p in missing
+    ]
+
+
+def run_benchmark(config: Config, sink: Callable[[dict], None] = lambda result: None) -> dict:
+    """Measure every selected provider on every problem; returns the report (rows with ratios, machine, config).
+    ``sink`` receives the report so far after the reference and after each provider (``complete`` False until
+    the last), so a run stopped early still leaves every row measured before it."""
+    started = time.time()
+    problems = config.problems()
+    providers = [PROVIDERS[p] if isinstance(p, str) else p for p in (config.providers or select(None))]
+    runnable = [p for p in providers if any(p.unavailable(problem) is None for problem in problems)]
+    with tempfile.TemporaryDirectory(prefix="loss_bench_") as tmp:
+        workdir = Path(tmp)
+        env = _reference(config, problems, sorted({p.targets for p in runnable}), workdir)
+        rows: list[dict] = []
+        sink(_result(config, problems, env, rows, started, complete=False))
+        for index, provider in enumerate(providers, 1):
+            _progress(f"[{index}/{len(providers)}] {provider.name} ({time.time() - started:.0f} s)")
+            rows += _provider_rows(provider, problems, provider in runnable, config, workdir)
+            sink(_result(config, problems, env, rows, started, complete=index == len(providers)))
+    return _result(config, problems, env, rows, started, complete=True)
 
 
 # ---------------------------------------------------------------- CLI
@@ -347,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(args.worker)
     if args.list:
         for p in PROVIDERS.values():
-            print(f"{p.name:14} {p.family:6} {p.description}")
+            print(f"{p.name:18} {p.family:6} {p.description}")
         return 0
     try:
         config = config_from_args(args)
@@ -357,12 +377,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    result = run_benchmark(config)
     given = sys.argv[1:] if argv is None else argv
-    result["command"] = " ".join(["python", "benchmarks/loss_bench.py", *map(shlex.quote, given)])
+    command = " ".join(["python", "benchmarks/loss_bench.py", *map(shlex.quote, given)])
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"loss_bench_{config.preset}_{config.dtype}_{config.device.replace(':', '')}"
-    paths = report.write_outputs(result, args.out / stem, plot_png=not args.no_plot)
+    stem = args.out / f"loss_bench_{config.preset}_{config.dtype}_{config.device.replace(':', '')}"
+    json_path = stem.with_suffix(".json")
+    result = run_benchmark(config, sink=lambda partial: report.write_json(partial | {"command": command}, json_path))
+    result["command"] = command
+    paths = report.write_outputs(result, stem, plot_png=not args.no_plot)
     print(report.terminal(result))
     for path in paths:
         print(f"wrote {path}")

@@ -226,6 +226,47 @@ def liger_dpo_build(problem: Problem) -> LossFn:
     return loss
 
 
+# ---------------------------------------------------------------- Liger's CuTe DSL FLCE (Hopper)
+
+CUTE_FLCE_MODULE = "liger_kernel.ops.cutedsl.ops.fused_linear_cross_entropy_sm90"
+
+
+def cute_flce_runs(problem: Problem) -> str | None:
+    """Liger's CuTe DSL fused linear cross-entropy: sm_90, bf16, no soft-cap, sequences of a multiple of 128 tokens
+    (its M; V must be a multiple of 256), nvidia-cutlass-dsl and a liger-kernel that has it."""
+    if importlib.util.find_spec("cutlass") is None:
+        return "nvidia-cutlass-dsl is not installed (its CUDA 13 libraries wheel alone is ~88 MiB)"
+    try:
+        found = importlib.util.find_spec(CUTE_FLCE_MODULE) is not None
+    except ImportError:
+        found = False
+    if not found:
+        return f"{CUTE_FLCE_MODULE} is not importable (liger-kernel >= 0.8.5 has it)"
+    if not problem.device.startswith("cuda") or torch.cuda.get_device_capability(problem.torch_device) != (9, 0):
+        return "Liger's CuTe FLCE runs on Hopper (sm_90) only"
+    if problem.dtype != "bfloat16" or problem.softcap is not None:
+        return "Liger's CuTe FLCE takes bfloat16 without a logit soft-cap"
+    if problem.seq_len % 128 or problem.vocab % 256:
+        return f"Liger's CuTe FLCE needs 128 | T and 256 | V, got T={problem.seq_len}, V={problem.vocab}"
+    return None
+
+
+def cute_flce_build(problem: Problem) -> LossFn:
+    """One call per sequence (its only reductions are "mean" and "sum" over all rows): the sequence's summed NLL
+    is −log-prob, then the shared SPPO epilogue; position T−1 scores nothing, so each call has T rows."""
+    module = importlib.import_module(CUTE_FLCE_MODULE)
+    flce = module.LigerFusedLinearCrossEntropySM90Function
+
+    def loss(inputs: Inputs) -> Tensor:
+        targets = torch.cat([inputs.labels[:, 1:], torch.full_like(inputs.labels[:, :1], IGNORE)], dim=1)
+        logps = torch.stack(
+            [-flce.apply(inputs.hidden[s], inputs.weight, targets[s], IGNORE, "sum") for s in range(problem.batch)]
+        )
+        return sppo_epilogue(logps.float(), inputs.ref_logps, inputs.target_probs, problem.eta, "mean")
+
+    return loss
+
+
 def even_batch(problem: Problem) -> str | None:
     if problem.batch % 2:
         return f"needs chosen/rejected pairs (an even batch), got B={problem.batch}"
@@ -348,6 +389,14 @@ PROVIDERS: dict[str, Provider] = {
             requirements=(needs_module("liger_kernel", "liger-kernel"), no_softcap("Liger's DPO loss"), even_batch),
             notes=lambda problem: ["hard 1/0 targets (sppo_hard)", "includes the ref-head forward"],
             targets="hard",
+        ),
+        Provider(
+            "liger-cute-flce",
+            "peer",
+            "Liger's CuTe DSL fused linear cross-entropy for Hopper, one call per sequence (reduction='sum')",
+            cute_flce_build,
+            requirements=(cute_flce_runs,),
+            notes=lambda problem: ["one call per sequence: it has no per-token or per-sequence reduction"],
         ),
         Provider(
             "cce",

@@ -257,10 +257,17 @@ def plot(result: dict, path: Path) -> Path | None:
     return path
 
 
+def write_json(result: dict, path: Path) -> Path:
+    """``result`` as JSON at ``path``, replaced atomically (a reader never sees half a file)."""
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(json.dumps(result, indent=1, default=str))
+    partial.replace(path)
+    return path
+
+
 def write_outputs(result: dict, stem: Path, *, plot_png: bool = True) -> list[Path]:
     """``stem``.json (everything), ``stem``.md (the section) and ``stem``.png (the plot)."""
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
-    paths[0].write_text(json.dumps(result, indent=1, default=str))
+    paths = [write_json(result, stem.with_suffix(".json")), stem.with_suffix(".md")]
     paths[1].write_text(markdown_section(result))
     if plot_png and any(_timed(r) for r in result["rows"]):
         png = plot(result, stem.with_suffix(".png"))

@@ -1,14 +1,16 @@
 """GPU A/B of the Triton backend's design choices at the benchmark presets (needs a CUDA device; never run here).
 
 For each preset and each variant of ``TritonConfig`` (old atomic vs new chunked backward, fused SPPO loss on/off,
-the tile candidates of ``SWEEP_TILES``, a few launch options) it measures, on the same inputs:
+dH accumulation, chunk size, the tile candidates of ``SWEEP_TILES``, a few launch options) it measures, on the same
+inputs:
 
 - the forward alone (``sequence_logprobs`` under no_grad) and the SPPO loss forward + backward: median ms of
   ``--repeats`` timed iterations (CUDA events) after ``--warmup`` untimed ones;
 - the peak memory above the inputs during one forward + backward;
 - bitwise determinism: two forward + backward runs compared element for element (loss, dH, dW);
 - the agreement of loss and gradients with the default variant (max relative difference);
-- what the JIT really compiled on this device: registers, spills and shared memory per kernel.
+- what the JIT really compiled on this device: registers, spills and shared memory per kernel;
+- the workspace the code's own memory plans predict, next to the measured peak.
 
     python benchmarks/triton_sweep.py --out DIR [--presets llama3-8b,gemma2-9b] [--tokens 8192] [--variants ...]
 
@@ -34,20 +36,31 @@ if str(ROOT) not in sys.path:
 
 import sppo_kernels as sk  # noqa: E402
 from benchmarks.workload import PRESETS  # noqa: E402
+from sppo_kernels.kernels.launch import BlockConfig  # noqa: E402
+from sppo_kernels.kernels.logit_grad import resolve_dh_accumulation  # noqa: E402
+
+# Tile candidates of the timing sweep (benchmark-only; the defaults are kernels.launch.SM90_TILES). All compile for
+# sm_90 with wgmma and a pipelined K loop at both presets in bfloat16; under Triton 3.6 the 128x128 ones have no
+# spills in any kernel, the wide ones spill 8-12 bytes in one kernel each (python tests/sm90_compile.py --sweep;
+# table in benchmarks/RESULTS.md).
+SWEEP_TILES = {
+    "128x128x64-w8-s3": BlockConfig(128, 128, 64, 8, 3, 16),
+    "128x128x64-w8-s4": BlockConfig(128, 128, 64, 8, 4, 16),
+    "128x256x64-w16-s3": BlockConfig(128, 256, 64, 16, 3, 16),
+    "256x128x64-w16-s3": BlockConfig(256, 128, 64, 16, 3, 8),
+    "128x256x32-w16-s4": BlockConfig(128, 256, 32, 16, 4, 16),
+}
 
 
 def variants() -> dict[str, dict]:
     """name -> TritonConfig options. Tiles apply to the forward, the chunked backward and the fused loss."""
-    from sppo_kernels.autograd.fused_triton import SWEEP_TILES, BlockConfig
-
     out: dict[str, dict] = {
         "default": {},
         "atomic-backward": {"backward": "atomic"},
         "fused-loss": {"fused_sppo_loss": True},
+        "dh-rounded": {"dh_accumulation": "rounded"},
+        "chunk-256MiB": {"chunk_bytes": 256 << 20},
         "programs-per-sm-2": {"programs_per_sm": 2},
-        "chunk-1GiB": {"chunk_bytes": 1 << 30},
-        # exp_tile_kernel alone compiles without spills at 128×256, 16 warps (the forward and dA kernels do not)
-        "fused-exp-128x256x64-w16": {"fused_sppo_loss": True, "fused_block": BlockConfig(128, 256, 64, 16, 3, 16)},
     }
     for label, tiles in SWEEP_TILES.items():
         out[f"tiles-{label}"] = {"forward_block": tiles, "backward_block": tiles, "fused_block": tiles}
@@ -149,9 +162,32 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def run_variant(inputs: dict, name: str, options: dict, baseline, warmup: int, repeats: int) -> dict:
-    from sppo_kernels.autograd import fused_triton
+def formula_mib(config, rows: int, seq_rows: int, vocab: int, width: int, programs: int) -> dict[str, float]:
+    """The workspace the code's memory plans predict (MiB) for ``rows`` scored rows (the largest sequence
+    ``seq_rows``), bf16: the forward's, the backward's (chunked or atomic) or the fused forward's, plus row vectors."""
+    from sppo_kernels.kernels import exp_workspace, logit_grad, lse_forward
+    from sppo_kernels.kernels.launch import plan_bytes
+    from sppo_kernels.kernels.rows import ROW_VECTOR_BYTES
 
+    dtype, needs = torch.bfloat16, (True, True, False)
+    dh_mode = resolve_dh_accumulation(config.dh_accumulation, torch.device("cuda"), dtype)
+    plans = {"forward": lse_forward.forward_plan(rows, vocab, width, dtype, config.block("forward", dtype), programs)}
+    if config.fused_sppo_loss:
+        chunk = exp_workspace.fused_chunk_rows(vocab, 2, config.fused_workspace_bytes) // seq_rows * seq_rows
+        plans["fused"] = exp_workspace.fused_plan(rows, min(rows, max(seq_rows, chunk)), vocab, width, dtype,
+                                                  config.block("fused", dtype), False)  # fmt: skip
+    elif config.backward == "chunked":
+        plans["backward"] = logit_grad.chunked_backward_plan(rows, vocab, width, dtype, config.block("backward", dtype),
+                                                             config.chunk_bytes, needs, dh_mode)  # fmt: skip
+    else:  # float32 dH and dW buffers
+        plans["backward"] = {}
+    out = {name: plan_bytes(plan)["total"] / 2**20 for name, plan in plans.items()}
+    if config.backward == "atomic" and not config.fused_sppo_loss:
+        out["backward"] = 4 * (rows + vocab) * width / 2**20
+    return out | {"row vectors": ROW_VECTOR_BYTES * rows / 2**20}
+
+
+def run_variant(inputs: dict, name: str, options: dict, baseline, warmup: int, repeats: int) -> dict:
     backend = sk.get_backend("triton", **options)
     cuda = inputs["hidden"].is_cuda
     row: dict = {"variant": name, "options": {k: str(v) for k, v in options.items()}}
@@ -170,16 +206,15 @@ def run_variant(inputs: dict, name: str, options: dict, baseline, warmup: int, r
         row["forward_ms"] = timed(lambda: forward_only(inputs, backend), warmup, repeats, cuda)
         row["fwd_bwd_ms"] = timed(lambda: step(inputs, backend), warmup, repeats, cuda)
         row["compiled"] = stats.seen
-        row["mm_float32_out"] = fused_triton._MM_FLOAT32_OUT
         config = backend.resolved_config()
         rows, width = int((inputs["labels"] != -100).sum()), inputs["hidden"].shape[-1]
-        kind = "fused" if config.fused_sppo_loss else config.backward
         seq_rows = int((inputs["labels"][0] != -100).sum())
-        formula = fused_triton.workspace_bytes(kind, rows, inputs["weight"].shape[0], width, 2, config,
-                                               sms=torch.cuda.get_device_properties(0).multi_processor_count
-                                               if cuda else 132, seq_rows=seq_rows)  # fmt: skip
-        outputs = 2 * (inputs["hidden"].numel() + inputs["weight"].numel())
-        row["formula_mib"] = {"workspace": formula["total"] / 2**20, "gradients": outputs / 2**20}
+        programs = torch.cuda.get_device_properties(0).multi_processor_count if cuda else 4
+        row["dh_accumulation"] = resolve_dh_accumulation(
+            config.dh_accumulation, inputs["hidden"].device, torch.bfloat16
+        )
+        row["formula_mib"] = formula_mib(config, rows, seq_rows, inputs["weight"].shape[0], width, programs)
+        row["gradients_mib"] = 2 * (inputs["hidden"].numel() + inputs["weight"].numel()) / 2**20
         if baseline is not None:
             row["diff_vs_default"] = {k: rel_diff(x, y) for k, x, y in zip(("loss", "dH", "dW"), first, baseline,
                                                                             strict=True)}  # fmt: skip

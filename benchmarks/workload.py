@@ -38,6 +38,7 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
+    "micro": Preset(hidden=64, vocab=1024, seq_len=32, tokens=(64,)),  # smoke runs: the Triton interpreter, dry runs
     "tiny": Preset(hidden=256, vocab=8192, seq_len=128, tokens=(256, 512, 1024)),
     "cpu-medium": Preset(hidden=1024, vocab=32000, seq_len=512, tokens=(512, 1024, 2048)),
     "mistral-7b": Preset(hidden=4096, vocab=32000, seq_len=1024, tokens=(2048, 4096, 8192)),

@@ -1,29 +1,29 @@
 """Compile the Triton kernels for an H100/H200 (sm_90) exactly as the JIT would at the benchmark presets, on a
 machine with no GPU, and report what the hardware would run.
 
-Faithful, not hand-typed: the backend's own host code runs on ``meta`` tensors of the preset's real shapes
+Faithful, not hand-typed: the kernels' own host launches run on ``meta`` tensors of the preset's real shapes
 (no memory, no device) with every kernel launch captured instead of executed, so each kernel gets the real
 launch arguments, block configuration, grid and options. Each captured call then goes through the JIT's own
 binder (``triton.runtime.jit`` specialisation: integers equal to 1 become constexprs, pointers and integers
 divisible by 16 get ``tt.divisibility = 16``), ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` and the
-bundled ptxas. No driver is needed.
+bundled ptxas. No driver is needed. Tiles: the installed Triton release's table (``kernels.launch.SM90_TILES``).
 
 Reported per kernel: shared memory, registers, spill bytes, wgmma count, whether the K loop is software-pipelined
 (async copies or TMA in the TTGIR) and how many shared-memory buffers it cycles through, and the atomics left in
 the PTX with their semantics.
 
-    python tests/sm90_compile.py [--quick] [--markdown]     (TRITON_INTERPRET must be unset)
+    python tests/sm90_compile.py [--quick] [--sweep] [--markdown]     (TRITON_INTERPRET must be unset)
 
 ``--quick``: bfloat16 at both presets (the suite's check); default: bfloat16, float16, float32 (ieee) and float32
-with ``fp32_precision="tf32x3"``; ``--sweep``:
-the matmul kernels in bfloat16 with each tile candidate of ``SWEEP_TILES``. One JSON line per compiled kernel;
-``--markdown`` also prints the table for benchmarks/RESULTS.md.
+with ``fp32_precision="tf32x3"``; ``--sweep``: the matmul kernels in bfloat16 with each tile candidate of the GPU
+timing sweep (``benchmarks/triton_sweep.py``). One JSON line per compiled kernel; ``--markdown`` also prints the
+table for benchmarks/RESULTS.md. Run it under another Triton from a venv that has it, e.g.
+``PYTHONPATH=. .venv-triton36/bin/python tests/sm90_compile.py --markdown`` (Triton 3.6.0, the GPU image's).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import json
 import os
@@ -41,7 +41,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
-try:  # JIT internals of Triton 3.9 (the CPU machines); another Triton may lack them: main() then says so
+try:  # JIT internals of Triton 3.6 to 3.9; another Triton may lack them: main() then says so
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -50,8 +50,8 @@ except ImportError as err:  # pragma: no cover - depends on the installed Triton
 else:
     MISSING_API = None
 
-from sppo_kernels.autograd import fused_triton
-from sppo_kernels.kernels import exp_workspace, logit_backward, logit_grad, lse_forward, segment_sum
+from sppo_kernels.kernels import exp_workspace, launch, logit_backward, logit_grad, lse_forward, rows, segment_sum
+from sppo_kernels.kernels.launch import BlockConfig, LogitTransform
 
 TARGET = GPUTarget("cuda", 90, 32)
 SMS = 132  # H100 SXM and H200
@@ -89,11 +89,7 @@ def captured_launches(n_scored: int, seq_len: int):
     starts (the only host synchronisations) return ``n_scored`` rows in sequences of ``seq_len``."""
     calls: list[tuple[str, tuple, dict, tuple]] = []
     saved = {name: kernel.run for name, kernel in KERNELS.items()}
-    patched = {
-        "count": fused_triton._Rows.count,
-        "host_starts": fused_triton._Rows.host_starts,
-        "num_programs": fused_triton.num_programs,
-    }
+    count, host_starts = rows.ScoredRows.count, rows.ScoredRows.host_starts
 
     def recorder(name):
         def run(*args, grid, warmup, **kwargs):
@@ -103,44 +99,39 @@ def captured_launches(n_scored: int, seq_len: int):
 
     for name, kernel in KERNELS.items():
         kernel.run = recorder(name)
-    fused_triton._Rows.count = lambda self: n_scored
-    fused_triton._Rows.host_starts = lambda self: [min(b * seq_len, n_scored) for b in range(self.num_seqs + 1)]
-    fused_triton.num_programs = lambda device, programs_per_sm=1: SMS * programs_per_sm
+    rows.ScoredRows.count = lambda self: n_scored
+    rows.ScoredRows.host_starts = lambda self: [min(b * seq_len, n_scored) for b in range(self.num_seqs + 1)]
     try:
         yield calls
     finally:
         for name, kernel in KERNELS.items():
             kernel.run = saved[name]
-        fused_triton._Rows.count = patched["count"]
-        fused_triton._Rows.host_starts = patched["host_starts"]
-        fused_triton.num_programs = patched["num_programs"]
+        rows.ScoredRows.count, rows.ScoredRows.host_starts = count, host_starts
 
 
-def preset_launches(preset: Preset, dtype: torch.dtype, config=None) -> list[tuple[str, tuple, dict, tuple]]:
+def preset_launches(preset: Preset, dtype: torch.dtype, tiles: dict[str, BlockConfig | None],
+                    precision: str = "ieee") -> list[tuple[str, tuple, dict, tuple]]:  # fmt: skip
     """Every kernel launch of one forward, one chunked backward, one atomic backward and one fused SPPO forward
-    at ``preset`` (all rows scored, sequences of seq_len rows), captured from the backend's own host code."""
-    config = config or fused_triton.TritonConfig()
+    at ``preset`` (all rows scored, sequences of seq_len rows), captured from the kernels' own host launches.
+    ``tiles``: kernel kind -> tiles (None: the installed release's default)."""
     meta = {"device": "meta"}
     n, seqs = preset.tokens, preset.tokens // preset.seq_len
     hidden = torch.empty(n, preset.hidden, dtype=dtype, **meta)
     weight = torch.empty(preset.vocab, preset.hidden, dtype=dtype, **meta)
-    targets = torch.zeros(n, dtype=torch.long, **meta)
-    seq_ids = torch.zeros(n, dtype=torch.long, **meta)
-    options = fused_triton._kernel_options(hidden, None, preset.softcap, 1.0, config)
+    targets, seq_ids = torch.zeros(n, dtype=torch.long, **meta), torch.zeros(n, dtype=torch.long, **meta)
+    transform = LogitTransform(preset.softcap, 1.0, False, precision if dtype == torch.float32 else "tf32")
+    block = {kind: tiles.get(kind) or launch.default_tiles(kind, dtype) for kind in launch.KERNELS}
     needs = (True, True, False)
-
-    class Objective:
-        def grad_coefficients(self):
-            return torch.zeros(seqs, dtype=torch.float64, **meta), torch.zeros(seqs, dtype=torch.float64, **meta)
-
+    zeros = torch.zeros(seqs, dtype=torch.float64, **meta)
     with captured_launches(n, preset.seq_len) as calls:
-        rows = fused_triton._Rows(targets, seq_ids, seqs)
-        _, lse = fused_triton._forward(hidden, weight, None, rows, options, config)
-        grads = torch.zeros(seqs, **meta)
-        fused_triton._backward(hidden, weight, None, rows, lse, grads, needs, options, config)
-        atomic = fused_triton.TritonConfig(backward="atomic")
-        fused_triton._backward(hidden, weight, None, rows, lse, grads, needs, options, atomic)
-        fused = fused_triton._fused_forward(hidden, weight, None, rows, Objective(), needs, options, config)
+        scored = rows.ScoredRows(targets, seq_ids, seqs)
+        _, lse = lse_forward.forward(hidden, weight, None, scored, transform, block["forward"], SMS, False)
+        row_grad = torch.zeros(n, **meta)
+        logit_grad.chunked_backward(hidden, weight, None, scored, lse, row_grad, needs, transform, block["backward"],
+                                    64 << 20, "auto", False)  # fmt: skip
+        logit_backward.atomic_backward(hidden, weight, None, scored, lse, row_grad, needs, transform, block["atomic"])
+        fused = exp_workspace.fused_forward(hidden, weight, None, scored, zeros, zeros, needs, transform,
+                                            block["fused"], 1 << 30, False)  # fmt: skip
         assert fused is not None, "the fused path fell back: a preset sequence does not fit its workspace"
     return calls
 
@@ -195,6 +186,19 @@ def atomics(ptx: str) -> dict[str, int]:
     return found
 
 
+def special_functions(ptx: str, kwargs: dict) -> float | None:
+    """Special-function (MUFU) instructions per tile element of a tiled kernel's PTX: ``ex2``, ``lg2``, ``rcp``,
+    ``sqrt``, ``tanh``, and each float division (``div.full``/``div.approx``/``div.rn``: one reciprocal). The PTX of
+    a tile is unrolled per thread, so the count divided by the elements a thread holds is per logit."""
+    rows = kwargs.get("BLOCK_N", kwargs.get("BLOCK_R"))
+    if rows is None or "BLOCK_V" not in kwargs:
+        return None
+    ops = re.findall(r"^\s*(?:@%p\d+\s+)?(ex2|lg2|rcp|sqrt|rsqrt|tanh|div)\.(\w+)", ptx, flags=re.M)
+    count = sum(1 for op, kind in ops if op != "div" or kind in ("full", "approx", "rn"))
+    per_thread = rows * kwargs["BLOCK_V"] / (32 * kwargs.get("num_warps", 4))
+    return round(count / per_thread, 2)
+
+
 def report(preset: Preset, dtype_name: str, name: str, args: tuple, kwargs: dict, grid: tuple) -> dict:
     start = time.time()
     compiled = compile_call(name, args, kwargs)
@@ -218,22 +222,27 @@ def report(preset: Preset, dtype_name: str, name: str, args: tuple, kwargs: dict
         "tma_loads": tma,
         "buffers": stages,
         "atomics": atomics(ptx),
+        "sfu_per_logit": special_functions(ptx, kwargs),
         "compile_s": round(time.time() - start, 1),
     }
 
 
 def problems(entry: dict) -> list[str]:
-    """Why a compiled kernel fails the suite's check (empty when it passes)."""
+    """Why a compiled kernel fails the suite's check (empty when it passes): every kernel within the shared-memory
+    limit; every 16-bit kernel of a default path (all but the first design's atomic backward) free of spills; the
+    matmul ones with wgmma, a pipelined K loop and no atomics."""
     out = []
     if entry["shared_bytes"] > SHARED_LIMIT:
         out.append(f"shared memory {entry['shared_bytes']} > {SHARED_LIMIT}")
-    if not entry["dtype"].startswith("fp32") and entry["kernel"] in MATMUL_KERNELS:
+    if entry["dtype"].startswith("fp32") or entry["kernel"] == "logit_backward_kernel":
+        return out
+    if entry["spill_bytes"] > 0:
+        out.append(f"{entry['spill_bytes']} bytes of register spills")
+    if entry["kernel"] in MATMUL_KERNELS:
         if entry["wgmma"] == 0:
             out.append("no wgmma (ttng.warp_group_dot)")
         if entry["async_copies"] + entry["tma_loads"] == 0 or entry["buffers"] < 2:
             out.append("K loop not software-pipelined")
-        if entry["spill_bytes"] > 0:
-            out.append(f"{entry['spill_bytes']} bytes of register spills")
         if entry["atomics"]:
             out.append(f"atomics on the default path: {entry['atomics']}")
     return out
@@ -242,8 +251,8 @@ def problems(entry: dict) -> list[str]:
 def markdown(entries: list[dict]) -> str:
     lines = [
         "| preset | dtype | kernel | tiles, warps, stages | grid | shared B | regs | spills B | wgmma "
-        "| pipelined K loop | atomics |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pipelined K loop | atomics | SFU ops per logit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
         piped = f"{e['buffers']} buffers, cp.async" if e["async_copies"] else "—"
@@ -253,7 +262,7 @@ def markdown(entries: list[dict]) -> str:
         lines.append(
             f"| {e['preset']} | {e['dtype']} | `{e['kernel']}` | {e['tiles']}, {e['num_warps']}, {e['num_stages']} "
             f"| {'×'.join(map(str, e['grid']))} | {e['shared_bytes']} | {e['registers']} | {e['spill_bytes']} "
-            f"| {e['wgmma']} | {piped} | {atoms} |"
+            f"| {e['wgmma']} | {piped} | {atoms} | {'—' if e['sfu_per_logit'] is None else e['sfu_per_logit']} |"
         )
     return "\n".join(lines)
 
@@ -261,26 +270,31 @@ def markdown(entries: list[dict]) -> str:
 API_MISMATCH = 3  # exit status when this Triton's JIT internals are not the ones the faithful build relies on
 
 
+def sweep_tiles() -> dict[str, BlockConfig]:
+    """The tile candidates of the GPU timing sweep (benchmarks/triton_sweep.py, a benchmark-only table)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.triton_sweep import SWEEP_TILES
+
+    return SWEEP_TILES
+
+
 def main(argv: list[str]) -> int:
     assert os.environ.get("TRITON_INTERPRET") != "1", "compile with the interpreter off"
-    assert not fused_triton.INTERPRETING
+    assert not launch.INTERPRETING
     needed = [hasattr(lse_forward.lse_forward_kernel, name) for name in ("_pack_args", "signature", "params")]
     if MISSING_API is not None or not all(needed):
-        print(f"triton {triton.__version__}: JITFunction internals differ from 3.9's; cannot build faithfully")
+        print(f"triton {triton.__version__}: JITFunction internals differ from 3.6-3.9's; cannot build faithfully")
         return API_MISMATCH
     dtypes = ("bf16",) if "--quick" in argv or "--sweep" in argv else tuple(DTYPES)
-    configs = {"default": fused_triton.TritonConfig()}
+    configs: dict[str, dict] = {"default": {}}
     if "--sweep" in argv:
-        configs = {
-            label: fused_triton.TritonConfig(forward_block=tiles, backward_block=tiles, fused_block=tiles)
-            for label, tiles in fused_triton.SWEEP_TILES.items()
-        }
+        configs = {label: dict.fromkeys(("forward", "backward", "fused"), t) for label, t in sweep_tiles().items()}
     entries, failures = [], []
-    for (label, config), dtype_name, preset in itertools.product(configs.items(), dtypes, PRESETS):
+    print(json.dumps({"triton": triton.__version__, "tiles": launch.tile_release()}), flush=True)
+    for (label, tiles), dtype_name, preset in itertools.product(configs.items(), dtypes, PRESETS):
         seen = set()
-        if dtype_name == "fp32-tf32x3":
-            config = dataclasses.replace(config, fp32_precision="tf32x3")
-        for name, args, kwargs, grid in preset_launches(preset, DTYPES[dtype_name], config):
+        precision = "tf32x3" if dtype_name == "fp32-tf32x3" else "ieee"
+        for name, args, kwargs, grid in preset_launches(preset, DTYPES[dtype_name], tiles, precision):
             if label != "default" and name not in MATMUL_KERNELS:
                 continue
             key = specialization_key(name, args, kwargs)
@@ -289,7 +303,7 @@ def main(argv: list[str]) -> int:
             seen.add(key)
             entry = report(preset, dtype_name, name, args, kwargs, grid)
             entry["problems"] = problems(entry)
-            failures += entry["problems"]
+            failures += entry["problems"] if label == "default" else []
             entries.append(entry)
             print(json.dumps(entry), flush=True)
     if "--markdown" in argv:

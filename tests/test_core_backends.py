@@ -188,24 +188,3 @@ def test_module_equals_function():
     want = sk.sppo_loss(*args, eta=ETA, bias=params["bias"], reduction="sum", **opts)
     torch.testing.assert_close(got, want)
     assert "eta=2.0" in repr(module)
-
-
-@pytest.mark.skipif("triton" not in BACKENDS, reason="triton cannot run here")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_with_gpu_block_configs(monkeypatch, dtype):
-    """The GPU tile shapes (not only the small interpreter ones), incl. a vocabulary split into several programs."""
-    from sppo_kernels.autograd import fused_triton
-
-    size = 4 if dtype == torch.float32 else 2
-    gpu = {kind: fused_triton.GPU_CONFIGS[(kind, size)] for kind in ("forward", "backward")}
-    monkeypatch.setattr(fused_triton, "INTERPRETER_CONFIGS", gpu)
-    case = make_case(batch=2, length=40, width=83, vocab=300, seed=13)
-    row_blocks = -(-case.hidden.shape[0] * case.hidden.shape[1] // gpu["forward"].block_n)
-    splits, _ = fused_triton.vocab_splits(row_blocks, -(-300 // gpu["forward"].block_v), torch.device("cpu"))
-    assert DEVICE.type == "cuda" or splits > 1
-    if dtype == torch.float32:
-        assert_close_to_reference(case, "triton", dtype, 1e-4)
-    else:
-        plain = plain_low_precision_errors(case, dtype)
-        ours = assert_close_to_reference(case, "triton", dtype, 1.0)
-        assert all(ours[k] <= 1.5 * plain[k] + 2e-3 for k in ours), (ours, plain)

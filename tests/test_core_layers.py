@@ -1,6 +1,12 @@
 """The import structure of the op: ``api`` → ``registry`` → one backend module → kernels / the C++ extension, with
 ``inputs`` and ``losses`` at the bottom. No module imports one of a higher layer; lazy imports inside functions
-count (the registry reaches the backends only through ``importlib`` at call time)."""
+count (the registry reaches the backends only through ``importlib`` at call time).
+
+Inside ``kernels/`` (a library of its own: it imports nothing else of the package): the shared launch module, the
+device functions and the segment sums at the bottom, the scored rows above them, then one module per kernel that
+holds its host launch (CCE's layout); kernel modules do not import each other, and a kernel is launched only from
+its own file. The Triton backend's autograd module holds only ``TritonConfig`` and the Functions.
+"""
 
 from __future__ import annotations
 
@@ -18,14 +24,17 @@ BOTTOM = {
     "autograd.first_order",
     "autograd.fused_loss",
 }
-LAYERS = {"registry": 2, "api": 3, "__init__": 4}  # backends (autograd.*) are layer 1, kernels.* and BOTTOM layer 0
+KERNEL_BASE = {"kernels.launch": 0, "kernels.logit_tile": 0, "kernels.segment_sum": 0, "kernels.rows": 1}
+LAYERS = {"registry": 4, "api": 5, "__init__": 6}  # kernel modules 2, backends (autograd.*) 3, BOTTOM 0
 
 
 def _layer(module: str) -> int:
-    if module in BOTTOM or module.startswith("kernels."):
+    if module in BOTTOM:
         return 0
+    if module.startswith("kernels."):
+        return KERNEL_BASE.get(module, 2)
     if module.startswith("autograd."):
-        return 1
+        return 3
     return LAYERS[module]
 
 
@@ -62,7 +71,44 @@ def test_no_module_imports_a_higher_layer() -> None:
 
 def test_backends_do_not_import_each_other() -> None:
     modules = _core_modules()
-    backends = {m for m in modules if _layer(m) == 1}
+    backends = {m for m in modules if _layer(m) == 3}
     assert {"autograd.chunked", "autograd.fused_cpu", "autograd.fused_triton", "autograd.materialized"} <= backends
     for name in backends:
         assert not _imports(modules[name], backends), name
+
+
+def test_kernels_are_a_library_of_their_own() -> None:
+    modules = _core_modules()
+    kernels = {m for m in modules if m.startswith("kernels.")}
+    assert {"kernels.launch", "kernels.rows", "kernels.lse_forward", "kernels.logit_grad"} <= kernels
+    for name in kernels:
+        assert _imports(modules[name], set(modules)) <= kernels, name
+    paths = {m for m in kernels if _layer(m) == 2}
+    assert {"kernels.lse_forward", "kernels.logit_grad", "kernels.logit_backward", "kernels.exp_workspace"} <= paths
+    for name in paths:
+        assert not _imports(modules[name], paths), name
+
+
+def test_every_kernel_is_launched_from_its_own_file() -> None:
+    """``k_kernel[grid](...)`` appears only in the module that defines ``k_kernel``, and every kernel has a launch."""
+    modules = _core_modules()
+    defined, launched = {}, {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel"):
+                defined[node.name] = name
+            target = node.value if isinstance(node, ast.Subscript) else None
+            if isinstance(target, ast.Name) and target.id.endswith("_kernel"):
+                launched.setdefault(target.id, set()).add(name)
+    assert len(defined) >= 6 and set(launched) == set(defined), (defined, launched)
+    for kernel, launchers in launched.items():
+        assert launchers == {defined[kernel]}, (kernel, launchers)
+
+
+def test_triton_autograd_module_holds_only_its_config_and_functions() -> None:
+    tree = ast.parse((PACKAGE / "autograd" / "fused_triton.py").read_text(encoding="utf-8"))
+    body = [node for node in tree.body if not isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)  # the module docstring
+    assert all(isinstance(node, ast.ClassDef) for node in body[1:]), [ast.dump(n)[:80] for n in body[1:]]
+    assert [node.name for node in body[1:]] == ["TritonConfig", "TritonSequenceLogprobs", "TritonSPPOLoss"]

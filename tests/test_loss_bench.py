@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,8 @@ from sppo_kernels.reference import reference_sequence_logprobs
 ROOT = Path(__file__).resolve().parents[1]
 # Small enough for the Triton interpreter: B=2 sequences of 32 positions, H=64, V=512. On a GPU also in bf16 there.
 MICRO = Problem(preset="tiny", batch=2, seq_len=32, hidden=64, vocab=512)
-CHECKED = [MICRO] + ([dataclasses.replace(MICRO, device="cuda", dtype="bfloat16")] if torch.cuda.is_available() else [])
+CUDA_MICRO = dataclasses.replace(MICRO, device="cuda", dtype="bfloat16")
+CHECKED = [MICRO] + ([CUDA_MICRO] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +105,11 @@ def test_sampled_weight_rows_cover_every_label(tmp_path: Path, monkeypatch: pyte
 # ---------------------------------------------------------------- every provider, and the checks themselves
 
 
-@pytest.mark.parametrize("problem", CHECKED, ids=lambda p: f"{p.device}-{p.dtype}")
+@pytest.mark.parametrize(
+    "problem",
+    [pytest.param(p, marks=[pytest.mark.gpu] if p.device == "cuda" else []) for p in CHECKED],
+    ids=lambda p: f"{p.device}-{p.dtype}",
+)
 @pytest.mark.parametrize("name", list(PROVIDERS))
 def test_every_provider_matches_the_reference_or_says_why(name: str, problem: Problem, refdir: Path) -> None:
     row = measure(PROVIDERS[name], refdir, problem)
@@ -208,7 +216,62 @@ def test_cli_runs_every_provider_in_its_own_process(tmp_path: Path, capsys: pyte
     assert loss_bench.main(["--providers", "nope"]) == 2
 
 
-def test_gpu_check_script_is_valid_bash() -> None:
+def test_cli_writes_each_provider_row_as_soon_as_it_is_measured(tmp_path: Path) -> None:
+    """A run stopped early (the device's step limit) still leaves every row measured before it."""
+    seen: list[dict] = []
+    config = loss_bench.Config(tokens=[64], providers=["naive", "ours-chunked", "cce-filtered"], repeats=1)
+    final = loss_bench.run_benchmark(config, sink=lambda partial: seen.append(json.loads(json.dumps(partial))))
+    assert [len(r["rows"]) for r in seen] == [0, 1, 2, 3]
+    assert [r["complete"] for r in seen] == [False, False, False, True] and final["complete"]
+    assert seen[1]["rows"][0]["provider"] == "naive" and seen[1]["rows"][0]["status"] == "ok"
+
+
+def test_gpu_summary_verdict_on_the_fused_loss(tmp_path: Path) -> None:
+    from benchmarks.gpu_summary import sweep_summary
+
+    def row(variant: str, ms: float, device: str = "NVIDIA H200") -> dict:
+        return {"variant": variant, "preset": "gemma2-9b", "device": device, "forward_ms": 30.0, "fwd_bwd_ms": ms,
+                "peak_extra_mib": 250.0, "deterministic": True, "formula_mib": {"backward": 242.0}}  # fmt: skip
+
+    path = tmp_path / "triton_sweep.jsonl"
+    for fused_ms, verdict in ((80.0, "1.25x the default's speed -> make it the default"),
+                              (125.0, "0.80x the default's speed -> keep the recomputing default")):  # fmt: skip
+        path.write_text("\n".join(json.dumps(r) for r in (row("default", 100.0), row("fused-loss", fused_ms))))
+        assert sweep_summary(path)[-1] == f"verdict fused_sppo_loss: {verdict}"
+    path.write_text(json.dumps(row("default", 100.0, "cpu")) + "\n" + json.dumps(row("fused-loss", 1.0, "cpu")))
+    assert sweep_summary(path)[-1].startswith("verdict fused_sppo_loss: none")
+
+
+@pytest.mark.parametrize("part", ["tests", "bench"])
+def test_gpu_check_dry_run(part: str, tmp_path: Path) -> None:
+    """Every step of each device command, run here with the micro preset, the Triton interpreter and the GPU image's
+    missing packages hidden: no path, flag or import can break there. Each command leaves one archive and one
+    summary (the device returns at most 8 files) within its time budget."""
     script = ROOT / "benchmarks" / "gpu_check.sh"
-    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
-    assert "--no-index" in script.read_text() and "TRITON_INTERPRET" in script.read_text()
+    empty = tmp_path / "no-wheels"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "SPPO_HIDE_MODULES")}
+    env |= {"PYTHON": sys.executable, "SPPO_GPU_WHEELS": str(empty), "TMPDIR": str(tmp_path)}
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", str(script), "--dry-run", part, str(out)], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [f"gpu-{part}.tar.gz", "summary.txt"]
+    summary = (out / "summary.txt").read_text()
+    assert f"part {part}, dry run 1" in summary and "hidden or missing: datasets,deepspeed,trl" in summary
+    with tarfile.open(out / f"gpu-{part}.tar.gz") as archive:
+        names = {Path(n).as_posix().removeprefix("./") for n in archive.getnames()}
+    steps = ["pytest", "sweep"] if part == "tests" else ["bench-1-micro", "bench-2-micro"]
+    for step in steps:
+        assert re.search(rf"^{step}: rc=0 \(\d+ s; limit \d+ s\)$", summary, flags=re.M), summary
+        assert f"{step}.log" in names
+    budget = int(re.search(r"budget (\d+) s", summary).group(1))
+    assert budget <= 8 * 60
+    if part == "tests":
+        counts = re.search(r"^pytest counts: (.*)$", summary, flags=re.M).group(1)
+        assert "error" not in counts and int(re.match(r"(\d+)/\d+ tests collected", counts).group(1)) > 20, counts
+        assert "sweep/triton_sweep.jsonl" in names and "verdict fused_sppo_loss: none (Triton interpreter" in summary
+    else:
+        assert {"bench-1/loss_bench_micro_bfloat16_cpu.json", "RESULTS-gpu.md"} <= names
+        assert re.search(r"liger-flce \| skipped: liger-kernel is not installed", summary), summary
+        assert re.search(r"ours-triton \| ok \|", summary) and re.search(r"ours-triton-fused \| ok \|", summary)

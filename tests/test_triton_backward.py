@@ -17,9 +17,16 @@ from triton_cases import (
 
 from sppo_kernels.autograd import fused_triton
 from sppo_kernels.autograd.fused_triton import BlockConfig, TritonConfig
+from sppo_kernels.kernels.exp_workspace import fused_chunk_rows
+from sppo_kernels.kernels.launch import SM90_TILES
+from sppo_kernels.kernels.logit_grad import chunk_columns
+from sppo_kernels.kernels.lse_forward import wave_splits
 from sppo_kernels.registry import triton_unavailable_reason
 
-pytestmark = pytest.mark.skipif(triton_unavailable_reason(DEVICE) is not None, reason="triton cannot run here")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(triton_unavailable_reason(DEVICE) is not None, reason="triton cannot run here"),
+]
 
 # chunk_bytes=1: every dA chunk is one block of columns wide, so each case runs several vocabulary chunks.
 CHUNKED = TritonConfig(chunk_bytes=1, poison=True)
@@ -38,6 +45,26 @@ def test_fp32_matches_reference(variant, config):
     case = make_case(**CASES[variant])
     errs = errors(run_triton(case, torch.float32, config), run_reference(case))
     assert all(err <= 1e-4 for err in errs.values()), errs  # all(): a NaN (unwritten poisoned element) fails
+
+
+@pytest.mark.parametrize("release", sorted(SM90_TILES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sm90_tiles_of_every_release(release, dtype):
+    """The GPU tile shapes of each Triton release (not only the small interpreter ones), with the forward's
+    vocabulary split over several programs and the backward over several chunks."""
+    size = 4 if dtype == torch.float32 else 2
+    tiles = {f"{kind}_block": SM90_TILES[release][(kind, size)] for kind in ("forward", "backward")}
+    case = make_case(batch=2, length=40, width=83, vocab=300, seed=13)
+    forward = tiles["forward_block"]
+    splits = wave_splits(-(-80 // forward.block_n), -(-300 // forward.block_v), 4, forward.group_n)
+    assert DEVICE.type == "cuda" or splits > 1
+    got = run_triton(case, dtype, TritonConfig(chunk_bytes=1, poison=True, **tiles))
+    want = run_reference(case)
+    if dtype == torch.float32:
+        errs = errors(got, want)
+        assert all(err <= 1e-4 for err in errs.values()), errs
+    else:
+        assert_within_plain_error(errors(got, want), errors(plain_torch(case, dtype), want))
 
 
 def test_chunked_nonuniform_upstream_and_masked_rows():
@@ -111,12 +138,12 @@ def test_no_scored_rows():
 
 
 def test_chunk_columns_and_workspace_rows():
-    assert fused_triton.chunk_columns(8192, 256000, 2, 256 << 20, 128) == 16384
-    assert fused_triton.chunk_columns(8192, 128256, 2, 256 << 20, 128) == 16384
-    assert fused_triton.chunk_columns(10, 150, 4, 1, 64) == 64  # at least one block of columns
-    assert fused_triton.chunk_columns(10, 150, 4, 1 << 20, 64) == 150  # the whole vocabulary fits
-    assert fused_triton.fused_chunk_rows(256000, 2, 1 << 30) == 2097
-    assert fused_triton.fused_chunk_rows(256000, 2, 1) == 1
+    assert chunk_columns(8192, 256000, 2, TritonConfig().chunk_bytes, 128) == 4096
+    assert chunk_columns(8192, 128256, 2, 256 << 20, 128) == 16384
+    assert chunk_columns(10, 150, 4, 1, 64) == 64  # at least one block of columns
+    assert chunk_columns(10, 150, 4, 1 << 20, 64) == 150  # the whole vocabulary fits
+    assert fused_chunk_rows(256000, 2, 1 << 30) == 2097
+    assert fused_chunk_rows(256000, 2, 1) == 1
 
 
 def test_config_validation():
@@ -124,6 +151,8 @@ def test_config_validation():
         TritonConfig(backward="fast")
     with pytest.raises(ValueError, match="fp32_precision"):
         TritonConfig(fp32_precision="tf32")
+    with pytest.raises(ValueError, match="dh_accumulation"):
+        TritonConfig(dh_accumulation="bf16")
     with pytest.raises(ValueError, match="power of two"):
         BlockConfig(96, 128, 64)
     with pytest.raises(TypeError, match="forward_block"):
@@ -136,16 +165,3 @@ def test_tf32x3_option_is_accepted():
     got = run_triton(case, torch.float32, TritonConfig(fp32_precision="tf32x3", chunk_bytes=1, poison=True))
     errs = errors(got, run_reference(case))
     assert all(err <= (1e-4 if DEVICE.type == "cpu" else 1e-3) for err in errs.values()), errs
-
-
-def test_workspace_at_gemma2_9b_is_below_cce_at_equal_precision():
-    """The code's own workspace formulas at the gemma2-9b preset (N = 8192 scored rows, bf16): the chunked backward
-    needs less extra memory than CCE with float32 accumulation (float32 dE and dC buffers: 4·(N + V)·H bytes)."""
-    n, vocab, width = 8192, 256000, 3584
-    cce_float32 = 4 * (n + vocab) * width
-    chunked = fused_triton.workspace_bytes("chunked", n, vocab, width, 2)["total"]
-    forward = fused_triton.workspace_bytes("forward", n, vocab, width, 2)["total"]
-    assert max(chunked, forward) <= cce_float32 / 5
-    assert chunked < 0.6 * 2**30
-    atomic = fused_triton.workspace_bytes("atomic", n, vocab, width, 2)["total"]
-    assert atomic >= cce_float32  # the first design's float32 dH and dW buffers

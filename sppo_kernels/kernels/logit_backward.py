@@ -9,13 +9,20 @@ rows i and vocabulary block j, turns them into
 and accumulates, one BLOCK_K slice of the hidden size at a time, dH[rows] += dA·W[block] and
 dW[block] += dAᵀ·H[rows] with float32 atomics, and db[block] += Σ_rows dA. g_row is the upstream gradient of
 the row's sequence. Nothing of size N×V is stored: the tile lives in registers. The atomics use the default
-``acq_rel`` semantics and their order varies run to run: results are not bitwise reproducible.
+``acq_rel`` semantics and their order varies run to run: results are not bitwise reproducible. Host launch:
+:func:`atomic_backward`.
 """
 
+from __future__ import annotations
+
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
+from sppo_kernels.kernels.launch import BlockConfig, LogitTransform
 from sppo_kernels.kernels.logit_tile import logit_tile
+from sppo_kernels.kernels.rows import ScoredRows
 
 
 @triton.jit
@@ -37,7 +44,8 @@ def logit_backward_kernel(
     stride_hh,
     stride_wv,
     stride_wh,
-    softcap,
+    inv_softcap,
+    cap_scale,
     inv_temperature,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
@@ -65,7 +73,7 @@ def logit_backward_kernel(
 
         z, dz_da = logit_tile(
             hidden_ptr, weight_ptr, bias_ptr, rows, row_mask, offs_v, col_mask, H,
-            stride_hn, stride_hh, stride_wv, stride_wh, softcap, inv_temperature,
+            stride_hn, stride_hh, stride_wv, stride_wh, inv_softcap, cap_scale, inv_temperature,
             HAS_BIAS, HAS_SOFTCAP, UPCAST_DOT, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_K,
         )  # fmt: skip
         probs = tl.exp(z - lse[:, None])
@@ -112,3 +120,31 @@ def logit_backward_kernel(
                     part,
                     mask=col_mask[:, None] & k_mask[None, :],
                 )
+
+
+def atomic_backward(hidden: Tensor, weight: Tensor, bias: Tensor | None, rows: ScoredRows, lse: Tensor,
+                    row_grad: Tensor, needs: tuple[bool, bool, bool], transform: LogitTransform,
+                    block: BlockConfig) -> tuple:  # fmt: skip
+    """(dH, dW, db; None where not needed) by the first design: every tile adds its share to float32 buffers
+    (dH [N, H], dW [V, H], db [V]) with atomics, then one cast each (nondeterministic summation order)."""
+    need_h, need_w, need_b = needs[0], needs[1], needs[2] and bias is not None
+    (n_rows, width), vocab = hidden.shape, weight.shape[0]
+    f32 = {"dtype": torch.float32, "device": hidden.device}
+    grad_h = torch.zeros(n_rows, width, **f32) if need_h else torch.empty(1, **f32)
+    grad_w = torch.zeros(vocab, width, **f32) if need_w else torch.empty(1, **f32)
+    grad_b = torch.zeros(vocab, **f32) if need_b else torch.empty(1, **f32)
+    n = rows.count()
+    if n > 0 and (need_h or need_w or need_b):
+        logit_backward_kernel[(triton.cdiv(n, block.block_n), triton.cdiv(vocab, block.block_v))](
+            hidden, weight, hidden if bias is None else bias, rows.order, rows.targets, rows.n_valid, lse, row_grad,
+            grad_h, grad_w, grad_b, vocab, width,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            NEED_GRAD_HIDDEN=need_h, NEED_GRAD_WEIGHT=need_w, NEED_GRAD_BIAS=need_b,
+            BLOCK_N=block.block_n, BLOCK_V=block.block_v, BLOCK_K=block.block_k,
+            num_warps=block.num_warps, num_stages=block.num_stages, **transform.kernel_args(),
+        )  # fmt: skip
+    return (
+        grad_h.to(hidden.dtype) if need_h else None,
+        grad_w.to(weight.dtype) if need_w else None,
+        grad_b.to(bias.dtype) if need_b else None,
+    )
