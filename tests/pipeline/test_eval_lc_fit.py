@@ -29,7 +29,7 @@ def _two_groups(m: int) -> tuple[list[float], list[int], list[int]]:
 def test_alpaca_fit_hand_computed() -> None:
     """x takes two values (±tanh(Δ/sd)), so the unpenalised logistic MLE reproduces the group means 0.8 and 0.4:
     θ = (logit 0.8 + logit 0.4)/2 = ½ ln(8/3), LC = √(8/3)/(1 + √(8/3)) = 0.620204 (raw win rate 0.6). With
-    1000 prompts the cross-validation picks a weak penalty (C ≥ 1292: its shrinkage of θ is below 10⁻⁵), so
+    1000 prompts the cross-validation picks a weak penalty (C = 1292: its shrinkage of θ is below 10⁻⁵), so
     the L1 fit lands on the MLE to within liblinear's tolerance."""
     preferences, policy_lengths, baseline_lengths = _two_groups(100)
     expected = math.sqrt(8 / 3) / (1 + math.sqrt(8 / 3))
