@@ -357,7 +357,7 @@ def plan_evaluation(
     training_prompts: Sequence[Prompt] | None,
 ) -> Evaluation:
     """Check everything an evaluation needs before any work: the options (and scikit-learn for ``--lc-fit
-    alpaca``), the prompts (unique ids; repeats dropped and overlap with ``training_prompts`` reported, with a
+    alpaca``), the prompts (unique ids; repeats dropped and overlap with ``training_prompts`` noted, for a
     warning each), the baseline and every model's tokenizer."""
     prompt_options = dataclasses.replace(prompt_options, max_prompts=options.eval_max_prompts)
     for group in (options, generate_options, model_options, rank_options, prompt_options):
@@ -370,8 +370,6 @@ def plan_evaluation(
         if len(prompt_set.prompts) < ALPACA_FOLDS:
             raise PipelineError(f"--lc-fit alpaca needs at least {ALPACA_FOLDS} eval prompts (its cross-validation "
                                 f"folds), got {len(prompt_set.prompts)}")  # fmt: skip
-    for line in prompt_set.warnings(prompts_source):
-        print(f"[{schema.EVALUATE_STAGE}] warning: {line}", flush=True)
     baseline = options.eval_baseline or next((p.path for p in policies if p.iteration == 0), None)
     if baseline is None:
         raise PipelineError("evaluate: no baseline (give --eval-baseline, or an iteration-0 policy)")
@@ -409,6 +407,9 @@ def evaluate(
         rank_options or RankOptions(), prompt_options or PromptOptions(), samplers or {}, training_prompts,
     )  # fmt: skip
     distributed.join()
+    if distributed.rank() == 0:
+        for line in evaluation.prompt_set.warnings(prompts_source):
+            print(f"[{schema.EVALUATE_STAGE}] warning: {line}", flush=True)
     distributed.on_rank_zero(evaluation.settle_settings)
     distributed.on_rank_zero(lambda: evaluation.settle_judges(list(judges)))
     for name, judge in judges.items():

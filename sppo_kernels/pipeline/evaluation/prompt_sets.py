@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sppo_kernels.pipeline.core import schema
+from sppo_kernels.pipeline.core import distributed, schema
 from sppo_kernels.pipeline.core.errors import PipelineError
 from sppo_kernels.pipeline.core.prompts import Prompt, PromptOptions, load_prompts
 from sppo_kernels.pipeline.core.stage import Stage, run_stage
@@ -117,14 +117,20 @@ def read_by_id(stage: Stage, keys: Sequence[str], ids: Sequence[int]) -> list[di
     one row per id (edited or truncated by hand) is refused naming it, or with ``--discard-stale`` made again
     (its finished units are reused, each checked the same way)."""
     path = run_stage(stage)
-    rows = read_rows(path, keys) if path.is_file() else []
-    problem = id_mismatch(rows, ids) if path.is_file() else "is missing"
-    if problem is not None:
-        why = f"{path} {problem}"
-        if not stage.fingerprint().discard_stale:
-            raise StaleWorkError(f"{why}; pass --discard-stale to make it again")
-        print(f"discarding: {why}", flush=True)
-        remove_tree(schema.marker_path(stage.folder, stage.name))
+    if distributed.on_rank_zero(lambda: _unmarked_for_mismatch(stage, path, keys, ids)):
         path = run_stage(stage)
-        rows = read_rows(path, keys)
-    return rows_by_id(rows, ids, path)
+    return rows_by_id(read_rows(path, keys), ids, path)
+
+
+def _unmarked_for_mismatch(stage: Stage, path: Path, keys: Sequence[str], ids: Sequence[int]) -> bool:
+    """False when ``path`` holds one row per id; otherwise refused, or with ``--discard-stale`` the stage's marker
+    is removed (True: run the stage again)."""
+    problem = id_mismatch(read_rows(path, keys), ids) if path.is_file() else "is missing"
+    if problem is None:
+        return False
+    why = f"{path} {problem}"
+    if not stage.fingerprint().discard_stale:
+        raise StaleWorkError(f"{why}; pass --discard-stale to make it again")
+    print(f"discarding: {why}", flush=True)
+    remove_tree(schema.marker_path(stage.folder, stage.name))
+    return True
