@@ -50,7 +50,7 @@ def test_lc_win_rate_hand_computed() -> None:
     x = math.tanh(math.sqrt(0.9))
     assert theta == pytest.approx(0.5 * math.log(8 / 3), abs=1e-9)
     assert phi == pytest.approx((math.log(4) - math.log(2 / 3)) / (2 * x), abs=1e-8)
-    # the default ridge (l2 = 0.01, sklearn's C = 100) moves it by less than 1e-3 here
+    # the default ridge (l2 = 0.01) moves it by less than 1e-3 here
     assert lc_win_rate(preferences, policy_lengths, baseline_lengths) == pytest.approx(expected, abs=1e-3)
 
 

@@ -102,12 +102,12 @@ CASES = [
     Case("generate", {"temperature": 1.0}, r"temperature: 0.7 -> 1.0"),
     Case("generate", {"generation_seed": 5}, r"generation_seed: 0 -> 5"),
     Case("generate", {"prompts": "other"}, r"prompts: "),
-    Case("generate", {"model": "other"}, r"model: .*llama\d* -> .*llama-seed1"),
+    Case("generate", {"model": "other"}, r"model: other content in .*llama-seed1 than recorded from .*llama\d*"),
     Case("rank", {"generations": "other"}, r"generations: other content in .*g\.jsonl"),
     Case("rank", {"scorer": ShortJudge()}, r"judge: .*LengthJudge.* -> .*ShortJudge"),
     Case("targets", {"loss_type": "sppo_hard"}, r"loss_type: 'sppo' -> 'sppo_hard'", units=False),
     Case("targets", {"rankings": "other"}, r"rankings: other content", units=False),
-    Case("reflogps", {"model": "other"}, r"model: .*llama\d* -> .*llama-seed1"),
+    Case("reflogps", {"model": "other"}, r"model: other content in .*llama-seed1 than recorded from .*llama\d*"),
     Case("reflogps", {"max_length": 48}, r"max_length: 40 -> 48"),
 ]
 
@@ -237,12 +237,12 @@ def test_train_refuses_or_discards_another_models_checkpoint(
     source = finished_run / "iter1"
     data = source / schema.TRAIN_DATA.name
     options = make_options(save_steps=2)
-    with pytest.raises(StaleWorkError, match=r"^the finished train stage .*model: .*llama\d* -> .*llama-seed1"):
+    with pytest.raises(StaleWorkError, match=r"^the finished train stage .*model: other content in .*llama-seed1 than"):
         run_train(str(other_policy), data, source, options.train, options.model)  # refused before any work
 
     out = tmp_path / "out"
     shutil.copytree(source / schema.CHECKPOINTS, out / schema.CHECKPOINTS)
-    with pytest.raises(StaleWorkError, match=r"^the training checkpoint in .*model: .* -> .*llama-seed1"):
+    with pytest.raises(StaleWorkError, match=r"^the training checkpoint in .*model: other content in .*llama-seed1"):
         run_train(str(other_policy), data, out, options.train, options.model)
     assert (out / schema.CHECKPOINTS / "step-0000003").is_dir() and not (out / schema.METRICS.name).exists()
 
@@ -300,7 +300,7 @@ def test_run_refuses_other_content_and_old_records(
     rows = store.read_jsonl(PROMPTS_FILE)
     store.write_jsonl(prompts, [{**rows[0], "prompt": "Something else entirely?"}, *rows[1:]])
     cases = [
-        ((str(other_policy), str(PROMPTS_FILE)), r"model: .*llama\d* -> .*llama-seed1"),
+        ((str(other_policy), str(PROMPTS_FILE)), r"model: other content in .*llama-seed1 than recorded from"),
         ((str(policy), str(prompts)), r"prompts: "),
     ]
     for (model, source), message in cases:

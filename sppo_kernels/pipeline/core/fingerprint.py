@@ -188,19 +188,39 @@ def _compared(value: Any) -> Any:
 
 
 def _describe(value: Any) -> str:
+    """A short text for one side of a difference: a hub name, a path, or the value (never a raw hash)."""
     if isinstance(value, dict) and ("path" in value or "hub" in value):
         return value.get("path") or value["hub"]
+    if isinstance(value, dict) and "sha256" in value:
+        return "(a content)"
     return "(none)" if value is None else repr(value)
 
 
-def _changes(kind: str, old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        before, after = old.get(key), new.get(key)
-        if _compared(before) != _compared(after):
-            a, b = _describe(before), _describe(after)
-            changes.append(f"{kind}{key}: other content in {b}" if a == b else f"{kind}{key}: {a} -> {b}")
-    return changes
+def _plain(value: Any) -> bool:
+    """A dict of settings (compared entry by entry), not the identity of a model, a file or a content."""
+    return isinstance(value, dict) and not {"sha256", "hub", "path"} & value.keys()
+
+
+def _change(key: str, before: Any, after: Any) -> str:
+    """One phrase for a difference: a content change names where the content is now (and where it was recorded,
+    if elsewhere, so a moved run does not read as a path change); settings name each changed entry."""
+    if isinstance(before, dict) and isinstance(after, dict) and "sha256" in before and "sha256" in after:
+        now, recorded = after.get("path"), before.get("path")
+        where = f" in {now}" if now else ""
+        elsewhere = f" than recorded from {recorded}" if recorded and recorded != now else ""
+        return f"{key}: other content{where}{elsewhere}"
+    if (_plain(before) or before is None) and (_plain(after) or after is None):
+        entries = _changes(before or {}, after or {})
+        return f"{key}: {', '.join(entry.replace(': ', ' ', 1) for entry in entries)}"
+    return f"{key}: {_describe(before)} -> {_describe(after)}"
+
+
+def _changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    return [
+        _change(key, old.get(key), new.get(key))
+        for key in sorted(set(old) | set(new))
+        if _compared(old.get(key)) != _compared(new.get(key))
+    ]
 
 
 def differences(stored: Mapping[str, Any] | None, record: Mapping[str, Any]) -> list[str]:
@@ -209,12 +229,12 @@ def differences(stored: Mapping[str, Any] | None, record: Mapping[str, Any]) -> 
         return ["no fingerprint (made by an older sppo-train)"]
     if stored.get("version") != record.get("version"):
         return [f"fingerprint version {stored.get('version')} -> {record.get('version')}"]
-    changes = _changes("", {"stage": stored.get("stage")}, {"stage": record.get("stage")})
-    changes += _changes("", stored.get("inputs", {}), record.get("inputs", {}))
+    changes = _changes({"stage": stored.get("stage")}, {"stage": record.get("stage")})
+    changes += _changes(stored.get("inputs", {}), record.get("inputs", {}))
     old_options, new_options = stored.get("options", {}), record.get("options", {})
     for group in sorted(set(old_options) | set(new_options)):
-        changes += _changes("", old_options.get(group, {}), new_options.get(group, {}))
-    changes += _changes("", stored.get("layout", {}), record.get("layout", {}))
+        changes += _changes(old_options.get(group, {}), new_options.get(group, {}))
+    changes += _changes(stored.get("layout", {}), record.get("layout", {}))
     return changes
 
 

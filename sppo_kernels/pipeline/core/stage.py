@@ -78,6 +78,11 @@ class Stage(ABC):
         """How far ``unit`` advances the progress bar (e.g. its number of prompts)."""
         return 1
 
+    def unit_ids(self, unit: Any) -> Sequence[Any] | None:
+        """The ids that the rows of ``unit`` carry, in order, checked when a finished unit is read back (None:
+        not checked)."""
+        return None
+
     def compute(self, fingerprint: Fingerprint) -> list[Rows] | None:
         """Run the units (resuming from finished unit files, sharing them out among the launcher's processes);
         returns their rows in order on process 0 (None on the others)."""
@@ -90,6 +95,7 @@ class Stage(ABC):
             fingerprint=fingerprint,
             desc=self.progress_label,
             weight=self.size,
+            ids=self.unit_ids,
         )
 
     @property

@@ -216,19 +216,24 @@ def _unit_path(folder: Path, index: int) -> Path:
     return folder / f"unit-{index:05d}.jsonl"
 
 
-def _read_unit(path: Path, digest: str, fingerprint: Fingerprint) -> list[dict[str, Any]] | None:
+def _read_unit(
+    path: Path, digest: str, fingerprint: Fingerprint, ids: Sequence[Any] | None
+) -> list[dict[str, Any]] | None:
     """The rows of a finished unit file, or None when it holds another unit (other fingerprint or layout) and
-    must be recomputed. A truncated or corrupt file is refused (:class:`StaleWorkError`), or recomputed when
-    ``fingerprint.discard_stale``."""
+    must be recomputed. A truncated or corrupt file, or one whose rows do not carry ``ids`` (in order, when
+    given), is refused (:class:`StaleWorkError`), or recomputed when ``fingerprint.discard_stale``."""
     try:
         rows = read_jsonl(path)
     except PipelineError as e:
         problem = str(e)
     else:
         trailer = rows.pop()[UNIT_TRAILER] if rows and UNIT_TRAILER in rows[-1] else None
-        if isinstance(trailer, dict) and trailer.get("rows") == len(rows):
-            return rows if trailer.get("fingerprint") == digest else None
-        problem = f"{path} has no complete end line"
+        complete = isinstance(trailer, dict) and trailer.get("rows") == len(rows)
+        if complete and trailer.get("fingerprint") != digest:
+            return None
+        if complete and (ids is None or [row.get("id") for row in rows] == list(ids)):
+            return rows
+        problem = f"{path} has no complete end line" if not complete else f"{path} holds rows of other ids"
     if not fingerprint.discard_stale:
         raise StaleWorkError(f"{problem}: the unit file is truncated or corrupt; delete it or pass --discard-stale")
     print(f"discarding: {problem} (truncated or corrupt unit file)", flush=True)
@@ -241,10 +246,13 @@ def unit_digest(fingerprint: Fingerprint, unit: Any) -> str:
     return hashlib.sha256(f"{fingerprint.digest}\n{canonical(unit)}".encode()).hexdigest()
 
 
-def missing_units(folder: Path, digests: Sequence[str], fingerprint: Fingerprint) -> list[int]:
+def missing_units(
+    folder: Path, digests: Sequence[str], fingerprint: Fingerprint, ids: Sequence[Sequence[Any] | None]
+) -> list[int]:
     """Prepare the units folder and list the units still to compute: ``fingerprint.json`` records the stage's
     fingerprint (units of another one are settled by :func:`settle_stale` before any is read), unit files past
-    the end of a shorter layout are removed, and a unit is missing unless its file holds that very unit."""
+    the end of a shorter layout are removed, and a unit is missing unless its file holds that very unit (with
+    the rows of ``ids[i]``, when not None)."""
     record = folder / "fingerprint.json"
     stored = read_json(record) if record.is_file() else None
     if (stored is not None or any(folder.glob("unit-*.jsonl"))) and not settle_stale(
@@ -260,7 +268,8 @@ def missing_units(folder: Path, digests: Sequence[str], fingerprint: Fingerprint
     return [
         index
         for index, digest in enumerate(digests)
-        if not _unit_path(folder, index).is_file() or _read_unit(_unit_path(folder, index), digest, fingerprint) is None
+        if not _unit_path(folder, index).is_file()
+        or _read_unit(_unit_path(folder, index), digest, fingerprint, ids[index]) is None
     ]
 
 
@@ -272,6 +281,7 @@ def run_units(
     fingerprint: Fingerprint,
     desc: str,
     weight: Callable[[T], int] = lambda _unit: 1,
+    ids: Callable[[T], Sequence[Any] | None] = lambda _unit: None,
 ) -> list[list[dict[str, Any]]] | None:
     """Run ``work(i, unit)`` for each unit not finished yet, persisting each result as ``folder/unit-<i>.jsonl``,
     and return every unit's rows in order on rank 0 (None on the other ranks).
@@ -279,11 +289,13 @@ def run_units(
     Under a launcher, process 0 decides which units are missing (:func:`missing_units`) and the k-th missing unit
     goes to rank k mod the number of processes; each rank writes only its own unit files, and process 0 shows one
     progress bar over all ranks' units (``weight(unit)``: e.g. the number of prompts in it). A killed stage
-    resumes with any number of processes and redoes only the missing units.
+    resumes with any number of processes and redoes only the missing units. ``ids(unit)``, when not None, the ids
+    its rows must carry, in order (checked when a unit file is read back).
     """
     folder = Path(folder)
     digests = [unit_digest(fingerprint, unit) for unit in units]
-    missing = distributed.on_rank_zero(lambda: missing_units(folder, digests, fingerprint))
+    unit_ids = [ids(unit) for unit in units]
+    missing = distributed.on_rank_zero(lambda: missing_units(folder, digests, fingerprint, unit_ids))
     mine = missing[distributed.rank() :: distributed.world_size()]
     lead = distributed.rank() == 0
     total = sum(weight(unit) for unit in units)
@@ -306,7 +318,7 @@ def run_units(
     distributed.barrier()
     if not lead:
         return None
-    return [_read_unit(_unit_path(folder, i), digest, fingerprint) for i, digest in enumerate(digests)]
+    return [_read_unit(_unit_path(folder, i), digest, fingerprint, unit_ids[i]) for i, digest in enumerate(digests)]
 
 
 def chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:

@@ -15,9 +15,11 @@ win rate of each iteration against a fixed baseline with GPT-4 as the judge (Alp
 - ``sppo-train run`` trains it for 3 SPPO iterations with the proxy PairRM, and its ``evaluate`` stage and the
   gold judge then measure iterations 1–3 against the base policy.
 
-Every asset is built from fixed seeds with deterministic tokenizer vocabularies, so two fresh demos write the
-same artefacts apart from timings. Third-party noise goes to ``<out>/demo.log``; the console shows one line per
-stage and the model-card tables. See docs/evaluation.md for the settings and measured results.
+Every asset is built from fixed seeds with deterministic tokenizer vocabularies, so two fresh demos on the same
+machine write the same artefacts apart from timings; on another machine (another CPU instruction set, other
+library builds) the numbers differ by a point or two. Third-party noise goes to ``<out>/demo.log``; the console
+shows one line per stage and the model-card tables. See docs/evaluation.md for the settings and the results, as
+measured on a named machine.
 """
 
 from __future__ import annotations

@@ -9,10 +9,12 @@ from typing import Any
 
 from sppo_kernels.pipeline.core import schema
 from sppo_kernels.pipeline.core.errors import PipelineError
+from sppo_kernels.pipeline.core.fingerprint import discarding_stale
 from sppo_kernels.pipeline.core.options import add_options, from_args
 from sppo_kernels.pipeline.core.prompts import PromptOptions
-from sppo_kernels.pipeline.core.store import read_json
+from sppo_kernels.pipeline.core.store import ReuseOptions, read_json
 from sppo_kernels.pipeline.evaluation.evaluate import EvalOptions, Policy, evaluate, run_policies
+from sppo_kernels.pipeline.evaluation.prompt_sets import run_training_prompts
 from sppo_kernels.pipeline.models.judge import RankOptions
 from sppo_kernels.pipeline.models.policy import ModelOptions
 from sppo_kernels.pipeline.models.sampling import GenerateOptions
@@ -23,7 +25,9 @@ GROUPS = {
     "generate": GenerateOptions,
     "rank": RankOptions,
     "evaluate": EvalOptions,
+    "reuse": ReuseOptions,
 }
+NOT_INHERITED = ("reuse",)  # what to do with stale work is this command's choice, never the run's
 
 
 def add_eval_command(commands: Any) -> None:
@@ -40,12 +44,15 @@ def add_eval_command(commands: Any) -> None:
 
 def eval_command(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run ``sppo-train eval``: with ``--run``, options not given on the command line default to the run's
-    (``run.json`` records every option under its one name, the field's)."""
+    (``run.json`` records every option under its one name, the field's), but for ``--discard-stale``, and eval
+    prompts that are training prompts of the run are reported."""
     recorded: dict[str, Any] = {}
+    training = None
     if args.run is not None:
         record = read_json(Path(args.run) / schema.RUN_RECORD)
-        recorded = record.get("options", {})
+        recorded = {k: v for k, v in record.get("options", {}).items() if k not in NOT_INHERITED}
         policies = run_policies(str(record["model"]), args.run)
+        training = run_training_prompts(args.run, [p.iteration for p in policies if p.iteration > 0])
         out = args.out or args.run
     else:
         policies = [Policy(t, model) for t, model in enumerate(args.models)]
@@ -56,16 +63,18 @@ def eval_command(args: argparse.Namespace) -> list[dict[str, Any]]:
     evaluation: EvalOptions = groups["evaluate"]
     if evaluation.eval_prompts is None:
         raise PipelineError("eval needs --eval-prompts (held-out prompts)")
-    return evaluate(
-        policies,
-        evaluation.eval_prompts,
-        out,
-        evaluation,
-        groups["generate"],
-        groups["model"],
-        groups["rank"],
-        groups["prompts"],
-    )
+    with discarding_stale(groups["reuse"].discard_stale):
+        return evaluate(
+            policies,
+            evaluation.eval_prompts,
+            out,
+            evaluation,
+            groups["generate"],
+            groups["model"],
+            groups["rank"],
+            groups["prompts"],
+            training_prompts=training,
+        )
 
 
 def _known(cls: type, recorded: dict[str, Any]) -> dict[str, Any]:

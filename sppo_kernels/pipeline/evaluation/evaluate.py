@@ -14,9 +14,14 @@ prompt in both orders (:mod:`.verdicts`), and the verdicts give, per iteration (
 
 Each judge's evaluation is one :class:`~sppo_kernels.pipeline.core.stage.Stage` (marker
 ``eval/stages/evaluate-<judge>.json``, holding its rows); ``eval.json``, ``eval.md`` and ``eval.png`` are written
-from the rows of every judge whose evaluation is finished in ``eval/``. The files are named in
+from the rows of every judge whose evaluation is finished in ``eval/`` (:mod:`.report`). The files are named in
 :mod:`~sppo_kernels.pipeline.core.schema`. Evaluation never trains or changes a model, and the judge sees only
 the prompt and the two responses.
+
+Nothing is reported that another evaluation made: ``eval/settings.json`` holds the fingerprint of the policies,
+prompts and generation settings, each judge's marker that of its rows (the same, plus the statistics' settings);
+per-prompt rows (outputs, verdicts, units) are matched to the prompts by id (:mod:`.prompt_sets`). A mismatch is
+refused naming what differs, or with ``--discard-stale`` redone (or, for a judge not run this time, dropped).
 """
 
 from __future__ import annotations
@@ -32,27 +37,26 @@ from sppo_kernels.pipeline.core import distributed, schema
 from sppo_kernels.pipeline.core.errors import PipelineError
 from sppo_kernels.pipeline.core.fingerprint import (
     Fingerprint,
-    content_identity,
     file_identity,
     model_identity,
     prompts_identity,
     stage_fingerprint,
 )
 from sppo_kernels.pipeline.core.options import at_least, opt, validated
-from sppo_kernels.pipeline.core.prompts import Prompt, PromptOptions, load_prompts
+from sppo_kernels.pipeline.core.prompts import Prompt, PromptOptions
 from sppo_kernels.pipeline.core.stage import Stage, run_stage
 from sppo_kernels.pipeline.core.store import (
+    StaleWorkError,
     read_json,
-    read_rows,
     remove_tree,
     settle_stale,
     stage_summary,
     write_json,
-    write_text,
 )
-from sppo_kernels.pipeline.evaluation.report import markdown_table, plot_win_rates
-from sppo_kernels.pipeline.evaluation.responses import SAMPLING_FIELDS, Responses
-from sppo_kernels.pipeline.evaluation.statistics import summarize
+from sppo_kernels.pipeline.evaluation.prompt_sets import EvalPrompts, eval_prompts, read_by_id, run_training_prompts
+from sppo_kernels.pipeline.evaluation.report import finished_rows, write_reports
+from sppo_kernels.pipeline.evaluation.responses import Responses, sampling_settings
+from sppo_kernels.pipeline.evaluation.statistics import ALPACA_FOLDS, LC_FITS, require_sklearn, summarize
 from sppo_kernels.pipeline.evaluation.verdicts import Verdicts
 from sppo_kernels.pipeline.models import chat
 from sppo_kernels.pipeline.models.judge import PairwiseScorer, RankOptions, judge_identity, pairrm
@@ -89,6 +93,13 @@ class EvalOptions:
     )  # fmt: skip
     eval_bootstrap: int = opt(
         2000, "bootstrap resamples of the prompts for the 95%% interval", check=at_least(1), fingerprinted=False
+    )
+    lc_fit: str = opt(
+        "ridge",
+        "fit of the length-controlled win rate: ridge (penalised Newton, no dependency) or alpaca (AlpacaEval "
+        "2.0's length_controlled_minimal, cross-validated L1 through scikit-learn: the eval extra)",
+        LC_FITS,
+        fingerprinted=False,
     )
     eval_baseline: str | None = opt(None, "baseline model (default: the base policy, iteration 0)", fingerprinted=False)
     eval_shard_size: int = opt(64, "prompts per saved unit of work", check=at_least(1), fingerprinted=False)
@@ -140,7 +151,7 @@ class Evaluation:
     out: Path
     policies: Sequence[Policy]
     baseline: str
-    prompts: Sequence[Prompt]
+    prompt_set: EvalPrompts
     prompts_source: str
     options: EvalOptions
     sampling: GenerateOptions
@@ -151,6 +162,14 @@ class Evaluation:
     @property
     def work_dir(self) -> Path:
         return self.out / schema.EVAL_DIR
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        return self.prompt_set.prompts
+
+    @property
+    def ids(self) -> list[int]:
+        return [p.id for p in self.prompts]
 
     @property
     def dataset(self) -> str:
@@ -165,28 +184,44 @@ class Evaluation:
         folders.setdefault(self.baseline, schema.eval_policy_dir(self.work_dir, None))
         return folders
 
-    def identities(self) -> dict[str, dict[str, str]]:
+    @cached_property
+    def identities(self) -> dict[str, Any]:
         """The fingerprint inputs every judge's evaluation shares: the models, the prompts and the settings."""
-        identities = {f"iteration {p.iteration}": model_identity(p.path) for p in self.policies}
+        identities: dict[str, Any] = {f"iteration {p.iteration}": model_identity(p.path) for p in self.policies}
         identities |= {"baseline": model_identity(self.baseline), "prompts": prompts_identity(self.prompts)}
-        settings = {"seed": self.options.eval_seed, "shard_size": self.options.eval_shard_size, "dataset": self.dataset}
-        settings |= {name: getattr(self.sampling, name) for name in SAMPLING_FIELDS}
-        return identities | {"settings": content_identity(settings)}
+        seed, shard_size = self.options.eval_seed, self.options.eval_shard_size
+        settings = sampling_settings(self.sampling, seed=seed, shard_size=shard_size, dataset=self.dataset)
+        return identities | {"settings": settings}
+
+    @cached_property
+    def results_fingerprint(self) -> Fingerprint:
+        """What every judge's ``eval.json`` rows depend on besides the judge: the shared inputs and the
+        statistics' settings. Stored in each judge's marker; rows of another are never reported together."""
+        statistics = {"bootstrap": self.options.eval_bootstrap, "lc_fit": self.options.lc_fit}
+        return stage_fingerprint(
+            schema.EVALUATE_STAGE, {**self.identities, "statistics": statistics}, self.model_options
+        )  # fmt: skip
 
     def settle_settings(self) -> None:
         """Record the evaluation's fingerprint (and its readable settings) in ``eval/settings.json``, or settle an
-        earlier evaluation there made from other policies, prompts or settings: refused, or
-        (``--discard-stale``) removed with every judge's results and redone."""
-        fingerprint = stage_fingerprint(schema.EVALUATE_STAGE, self.identities(), self.model_options)
+        earlier evaluation there made from other policies, prompts or settings (or whose settings.json is gone):
+        refused, or (``--discard-stale``) removed with every judge's results and redone."""
+        fingerprint = stage_fingerprint(schema.EVALUATE_STAGE, self.identities, self.model_options)
         path = self.work_dir / schema.EVAL_SETTINGS
         stored = read_json(path) if path.is_file() else None
         what = f"the evaluation in {self.work_dir}"
-        if stored is not None and settle_stale(what, stored.get("fingerprint"), fingerprint, self.discard):
-            return
+        earlier = stored is not None or (self.work_dir / schema.MARKER_DIR).is_dir()
+        if earlier and not settle_stale(what, (stored or {}).get("fingerprint"), fingerprint, self.discard):
+            stored = None
+        overlap = self.prompt_set.overlap
+        if overlap is None and stored is not None:  # the run's training prompts are not known this time
+            overlap = stored.get("training_overlap")
         readable = {
             "policies": [asdict(p) for p in self.policies],
             "baseline": self.baseline,
             "prompts": self.prompts_source,
+            "repeated_prompts": self.prompt_set.repeated,
+            "training_overlap": overlap,
             "options": asdict(self.options),
             "generate": asdict(self.sampling),
         }
@@ -198,9 +233,25 @@ class Evaluation:
         for name in (schema.EVAL_JSON.name, schema.EVAL_TABLE, schema.EVAL_PLOT):
             remove_tree(self.out / name)
 
+    def settle_judges(self, running: Sequence[str]) -> None:
+        """Settle the finished judges that this call does not run: their rows must come from the same
+        evaluation and statistics (else refused, or dropped with ``--discard-stale``)."""
+        running_markers = {f"{schema.EVALUATE_STAGE}-{name}.json" for name in running}
+        for marker in sorted((self.work_dir / schema.MARKER_DIR).glob(f"{schema.EVALUATE_STAGE}-*.json")):
+            if marker.name in running_markers:
+                continue
+            changes = self.results_fingerprint.differences(read_json(marker).get("evaluation"))
+            if not changes:
+                continue
+            why = f"{marker} holds another evaluation's results ({'; '.join(changes)})"
+            if not self.results_fingerprint.discard_stale:
+                raise StaleWorkError(f"{why}; evaluate with that judge again, or pass --discard-stale to drop them")
+            print(f"discarding: {why}", flush=True)
+            remove_tree(marker)
+
     @cached_property
     def outputs(self) -> dict[str, list[dict[str, Any]]]:
-        """Model path → its rows of ``outputs.jsonl`` (generated, or read back when finished)."""
+        """Model path → its rows of ``outputs.jsonl`` in prompt order (generated, or read back when finished)."""
         outputs = {}
         for model, folder in self.folders.items():
             stage = Responses(
@@ -208,12 +259,13 @@ class Evaluation:
                 shard_size=self.options.eval_shard_size, generator=f"{self.out.resolve().name}-{folder.name}",
                 dataset=self.dataset, sampler=self.samplers.get(model),
             )  # fmt: skip
-            outputs[model] = read_rows(run_stage(stage), schema.EVAL_OUTPUTS.columns)
+            outputs[model] = read_by_id(stage, schema.EVAL_OUTPUTS.columns, self.ids)
         return outputs
 
 
 class Evaluate(Stage):
-    """One judge's evaluation of every policy against the baseline; its marker holds its ``eval.json`` rows."""
+    """One judge's evaluation of every policy against the baseline; its marker holds its ``eval.json`` rows and
+    the fingerprint they share with the other judges' (:attr:`Evaluation.results_fingerprint`)."""
 
     def __init__(self, evaluation: Evaluation, judge_name: str, judge: PairwiseScorer | None) -> None:
         super().__init__(evaluation.work_dir, evaluation.options)
@@ -233,35 +285,40 @@ class Evaluate(Stage):
 
     def fingerprint(self) -> Fingerprint:
         identity, options = self.judge_inputs()
+        shared = self.evaluation.results_fingerprint.record
         groups = [self.evaluation.model_options] + ([options] if options is not None else [])
-        return stage_fingerprint(schema.EVALUATE_STAGE, {**self.evaluation.identities(), "judge": identity}, *groups)
+        return stage_fingerprint(schema.EVALUATE_STAGE, {**shared["inputs"], "judge": identity}, *groups)
 
     @cached_property
     def judge(self) -> PairwiseScorer:
         """Built at the first comparison: a fully resumed evaluation loads no judge."""
         return self.given_judge if self.given_judge is not None else pairrm(self.evaluation.rank_options)
 
-    def compute(self, fingerprint: Fingerprint) -> list[dict[str, Any]]:
+    def verdicts(self, policy: Policy) -> Verdicts:
+        """The judging of ``policy``'s responses against the baseline's, paired by prompt id."""
         e = self.evaluation
         identity, options = self.judge_inputs()
-        baseline_rows = e.outputs[e.baseline]
+        pairs = list(zip(e.outputs[policy.path], e.outputs[e.baseline], strict=True))  # generated first if need be
+        compared = {
+            "policy outputs": file_identity(schema.EVAL_OUTPUTS.path(e.folders[policy.path])),
+            "baseline outputs": file_identity(schema.EVAL_OUTPUTS.path(e.folders[e.baseline])),
+            "judge": identity,
+            "settings": {"shard_size": e.options.eval_shard_size},
+        }
+        return Verdicts(
+            lambda: self.judge, self.judge_name, pairs, e.folders[policy.path],
+            stage_fingerprint("eval-judge", compared, *([options] if options else [])),
+            shard_size=e.options.eval_shard_size, where=f"{e.prompts_source} (policy {policy.path})",
+        )  # fmt: skip
+
+    def compute(self, fingerprint: Fingerprint) -> list[dict[str, Any]]:
+        e = self.evaluation
         rows = []
         for p in e.policies:
-            compared = {
-                "policy outputs": file_identity(schema.EVAL_OUTPUTS.path(e.folders[p.path])),
-                "baseline outputs": file_identity(schema.EVAL_OUTPUTS.path(e.folders[e.baseline])),
-                "judge": identity,
-                "shards": content_identity(e.options.eval_shard_size),
-            }
-            verdicts = Verdicts(
-                lambda: self.judge, self.judge_name, list(zip(e.outputs[p.path], baseline_rows, strict=True)),
-                e.folders[p.path], stage_fingerprint("eval-judge", compared, *([options] if options else [])),
-                shard_size=e.options.eval_shard_size, where=f"{e.prompts_source} (policy {p.path})",
-            )  # fmt: skip
-            judged = read_rows(run_stage(verdicts), schema.JUDGMENTS.required)
+            judged = read_by_id(self.verdicts(p), schema.JUDGMENTS.required, e.ids)
             outcomes = [v["outcome"] for v in judged]
-            stats = summarize(outcomes, e.outputs[p.path], baseline_rows, resamples=e.options.eval_bootstrap,
-                              seed=e.options.eval_seed)  # fmt: skip
+            stats = summarize(outcomes, e.outputs[p.path], e.outputs[e.baseline], resamples=e.options.eval_bootstrap,
+                              seed=e.options.eval_seed, lc_fit=e.options.lc_fit)  # fmt: skip
             counts = {"wins": outcomes.count(1.0), "ties": outcomes.count(0.5), "losses": outcomes.count(0.0)}
             rows.append({"iteration": p.iteration, "judge": self.judge_name, **stats, **counts})
         return rows
@@ -272,25 +329,7 @@ class Evaluate(Stage):
             f"iteration {final['iteration']} wins {100 * final['win_rate']:.2f}% "
             f"(LC {100 * final['lc_win_rate']:.2f}%) against the baseline, {len(self.evaluation.prompts)} prompts"
         )
-        return {"rows": computed}, report
-
-
-def row_order(row: dict[str, Any]) -> tuple[int, str]:
-    """Rows of ``eval.json`` and tables of ``eval.md`` come by iteration, then judge."""
-    return row["iteration"], row["judge"]
-
-
-def finished_rows(work_dir: Path) -> list[dict[str, Any]]:
-    """The ``eval.json`` rows of every judge whose evaluation is finished in ``work_dir``, in :func:`row_order`."""
-    markers = (work_dir / schema.MARKER_DIR).glob(f"{schema.EVALUATE_STAGE}-*.json")
-    return sorted((row for marker in markers for row in read_json(marker)["rows"]), key=row_order)
-
-
-def write_reports(out: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """``eval.json``, ``eval.md`` and ``eval.png`` in ``out`` from ``rows``."""
-    write_json(schema.EVAL_JSON.path(out), list(rows))
-    write_text(out / schema.EVAL_TABLE, markdown_table(rows))
-    plot_win_rates(rows, out / schema.EVAL_PLOT)
+        return {"rows": computed, "evaluation": self.evaluation.results_fingerprint.record}, report
 
 
 def check_tokenizer(model: str, model_options: ModelOptions) -> None:
@@ -316,24 +355,29 @@ def plan_evaluation(
     rank_options: RankOptions,
     prompt_options: PromptOptions,
     samplers: dict[str, Sampler],
+    training_prompts: Sequence[Prompt] | None,
 ) -> Evaluation:
-    """Check everything an evaluation needs before any work: the options, the prompts (unique ids), the baseline
-    and every model's tokenizer."""
+    """Check everything an evaluation needs before any work: the options (and scikit-learn for ``--lc-fit
+    alpaca``), the prompts (unique ids; repeats dropped and overlap with ``training_prompts`` noted, for a
+    warning each), the baseline and every model's tokenizer."""
     prompt_options = dataclasses.replace(prompt_options, max_prompts=options.eval_max_prompts)
     for group in (options, generate_options, model_options, rank_options, prompt_options):
         validated(group)
     if not policies:
         raise PipelineError("evaluate: no policies to evaluate")
-    prompts = load_prompts(prompts_source, prompt_options)
-    if len({p.id for p in prompts}) != len(prompts):
-        raise PipelineError(f"{prompts_source}: prompt ids are not unique")
+    prompt_set = eval_prompts(prompts_source, prompt_options, training_prompts)
+    if options.lc_fit == "alpaca":
+        require_sklearn()
+        if len(prompt_set.prompts) < ALPACA_FOLDS:
+            raise PipelineError(f"--lc-fit alpaca needs at least {ALPACA_FOLDS} eval prompts (its cross-validation "
+                                f"folds), got {len(prompt_set.prompts)}")  # fmt: skip
     baseline = options.eval_baseline or next((p.path for p in policies if p.iteration == 0), None)
     if baseline is None:
         raise PipelineError("evaluate: no baseline (give --eval-baseline, or an iteration-0 policy)")
     for model in dict.fromkeys([baseline, *(p.path for p in policies)]):
         check_tokenizer(model, model_options)
     sampling = sampling_options(options, generate_options)
-    return Evaluation(Path(out), policies, baseline, prompts, prompts_source, options, sampling, model_options,
+    return Evaluation(Path(out), policies, baseline, prompt_set, prompts_source, options, sampling, model_options,
                       rank_options, samplers)  # fmt: skip
 
 
@@ -349,20 +393,27 @@ def evaluate(
     *,
     judges: dict[str, PairwiseScorer | None] | None = None,
     samplers: dict[str, Sampler] | None = None,
+    training_prompts: Sequence[Prompt] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate ``policies`` on the prompts of ``prompts_source`` against the baseline with each judge.
 
     ``judges`` maps a name to a scorer, or to None for PairRM from ``rank_options`` (default: PairRM alone);
-    ``samplers`` optionally maps a model path to a generation engine (tests). Returns the rows written to
+    ``samplers`` optionally maps a model path to a generation engine (tests); ``training_prompts``: the run's,
+    to report eval prompts the policies were trained on (None: not known). Returns the rows written to
     ``out/eval.json``: those of every judge whose evaluation is finished there.
     """
+    judges = judges or {DEFAULT_JUDGE: None}
     evaluation = plan_evaluation(
         policies, prompts_source, out, options, generate_options or GenerateOptions(), model_options or ModelOptions(),
-        rank_options or RankOptions(), prompt_options or PromptOptions(), samplers or {},
+        rank_options or RankOptions(), prompt_options or PromptOptions(), samplers or {}, training_prompts,
     )  # fmt: skip
     distributed.join()
+    if distributed.rank() == 0:
+        for line in evaluation.prompt_set.warnings(prompts_source):
+            print(f"[{schema.EVALUATE_STAGE}] warning: {line}", flush=True)
     distributed.on_rank_zero(evaluation.settle_settings)
-    for name, judge in (judges or {DEFAULT_JUDGE: None}).items():
+    distributed.on_rank_zero(lambda: evaluation.settle_judges(list(judges)))
+    for name, judge in judges.items():
         run_stage(Evaluate(evaluation, name, judge))
     rows = finished_rows(evaluation.work_dir)
     if distributed.rank() == 0:
@@ -377,8 +428,9 @@ def evaluate_run(run_dir: str | Path, base_model: str, options: Any, *, scorer: 
     :class:`~sppo_kernels.pipeline.table.PipelineOptions` (not imported: the stage table imports this module)."""
     if options.evaluate.eval_prompts is None:
         raise PipelineError("the evaluate stage needs --eval-prompts")
+    policies = run_policies(base_model, run_dir, options.run.iterations)
     return evaluate(
-        run_policies(base_model, run_dir, options.run.iterations),
+        policies,
         options.evaluate.eval_prompts,
         run_dir,
         options.evaluate,
@@ -387,4 +439,5 @@ def evaluate_run(run_dir: str | Path, base_model: str, options: Any, *, scorer: 
         options.rank,
         options.prompts,
         judges={DEFAULT_JUDGE: None} if scorer is None else {judge_name(scorer): scorer},
+        training_prompts=run_training_prompts(run_dir, [p.iteration for p in policies if p.iteration > 0]),
     )

@@ -1,5 +1,6 @@
-"""The evaluation's reports: one model-card table per judge (``eval.md``) and the win rates by iteration
-(``eval.png``), from the rows of ``eval.json``."""
+"""The evaluation's reports, from the rows of every finished judge: ``eval.json``, one model-card table per judge
+(``eval.md``, under notes on the prompt set from ``eval/settings.json``) and the win rates by iteration
+(``eval.png``)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from sppo_kernels.pipeline.core.schema import iteration_name
-from sppo_kernels.pipeline.core.store import atomic_path
+from sppo_kernels.pipeline.core import schema
+from sppo_kernels.pipeline.core.store import atomic_path, read_json, write_json, write_text
+from sppo_kernels.pipeline.evaluation.prompt_sets import shown
 
 
 def _percent(value: float) -> str:
@@ -31,7 +33,7 @@ def judge_table(rows: Sequence[dict[str, Any]], judge: str) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for r in judged:
-        name = "base" if r["iteration"] == 0 else iteration_name(r["iteration"])
+        name = "base" if r["iteration"] == 0 else schema.iteration_name(r["iteration"])
         low, high = r["win_rate_ci"]
         lines.append(
             f"| {name} | {_percent(r['lc_win_rate'])} | {_percent(r['win_rate'])} "
@@ -41,9 +43,10 @@ def judge_table(rows: Sequence[dict[str, Any]], judge: str) -> list[str]:
     return lines
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """``eval.md``: one table per judge, each under a line naming the judge and its number of prompts."""
-    out = []
+def markdown_table(rows: Sequence[dict[str, Any]], notes: Sequence[str] = ()) -> str:
+    """``eval.md``: ``notes`` (one line each, e.g. eval prompts the policies were trained on), then one table per
+    judge, each under a line naming the judge and its number of prompts."""
+    out = [*(f"note: {note}" for note in notes), *([""] if notes else [])]
     for judge in judges(rows):
         n = next(r["n"] for r in rows if r["judge"] == judge)
         out += [
@@ -76,3 +79,37 @@ def plot_win_rates(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     ax.legend(fontsize=8)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+
+
+def row_order(row: dict[str, Any]) -> tuple[int, str]:
+    """Rows of ``eval.json`` and tables of ``eval.md`` come by iteration, then judge."""
+    return row["iteration"], row["judge"]
+
+
+def finished_rows(work_dir: Path) -> list[dict[str, Any]]:
+    """The ``eval.json`` rows of every judge whose evaluation is finished in ``work_dir``, in :func:`row_order`."""
+    markers = (work_dir / schema.MARKER_DIR).glob(f"{schema.EVALUATE_STAGE}-*.json")
+    return sorted((row for marker in markers for row in read_json(marker)["rows"]), key=row_order)
+
+
+def report_notes(settings: dict[str, Any]) -> list[str]:
+    """The lines above the tables of ``eval.md``: what the reader must know about the prompt set."""
+    notes = []
+    if settings.get("repeated_prompts"):
+        repeated = settings["repeated_prompts"]
+        notes.append(f"{len(repeated)} repeated eval prompts were dropped (ids {shown(repeated)}): each counts once.")
+    if settings.get("training_overlap"):
+        overlap = settings["training_overlap"]
+        notes.append(
+            f"{len(overlap)} of the eval prompts are training prompts of the run (ids {shown(overlap)}): the "
+            "policies were trained on them."
+        )
+    return notes
+
+
+def write_reports(out: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """``eval.json``, ``eval.md`` and ``eval.png`` in ``out`` from ``rows`` (and ``eval/settings.json``)."""
+    settings = read_json(out / schema.EVAL_DIR / schema.EVAL_SETTINGS)
+    write_json(schema.EVAL_JSON.path(out), list(rows))
+    write_text(out / schema.EVAL_TABLE, markdown_table(rows, report_notes(settings)))
+    plot_win_rates(rows, out / schema.EVAL_PLOT)

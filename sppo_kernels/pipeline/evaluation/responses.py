@@ -16,7 +16,6 @@ from sppo_kernels.pipeline.core import schema
 from sppo_kernels.pipeline.core.errors import PipelineError
 from sppo_kernels.pipeline.core.fingerprint import (
     Fingerprint,
-    content_identity,
     model_identity,
     prompts_identity,
     stage_fingerprint,
@@ -30,6 +29,14 @@ from sppo_kernels.pipeline.models.sampling import GenerateOptions, Sampler, make
 
 # The generation options that change an evaluated response (the HF batch size too: padding changes samples).
 SAMPLING_FIELDS = ("temperature", "top_p", "max_new_tokens", "generation_backend", "generation_batch_size")
+
+
+def sampling_settings(sampling: GenerateOptions, *, seed: int, shard_size: int, dataset: str) -> dict[str, Any]:
+    """Everything besides the model and the prompts that changes the evaluated responses (a fingerprint input,
+    compared setting by setting)."""
+    return {"seed": seed, "shard_size": shard_size, "dataset": dataset} | {
+        name: getattr(sampling, name) for name in SAMPLING_FIELDS
+    }
 
 
 class Responses(Stage):
@@ -50,13 +57,8 @@ class Responses(Stage):
         return schema.EVAL_OUTPUTS.path(self.folder)
 
     def fingerprint(self) -> Fingerprint:
-        settings = {"seed": self.seed, "shard_size": self.shard_size, "dataset": self.dataset}
-        settings |= {name: getattr(self.options, name) for name in SAMPLING_FIELDS}
-        inputs = {
-            "model": model_identity(self.model),
-            "prompts": prompts_identity(self.prompts),
-            "settings": content_identity(settings),
-        }
+        settings = sampling_settings(self.options, seed=self.seed, shard_size=self.shard_size, dataset=self.dataset)
+        inputs = {"model": model_identity(self.model), "prompts": prompts_identity(self.prompts), "settings": settings}
         return stage_fingerprint("eval-generate", inputs, self.model_options)
 
     @cached_property
@@ -95,6 +97,9 @@ class Responses(Stage):
 
     def size(self, shard: range) -> int:
         return len(shard)
+
+    def unit_ids(self, shard: range) -> list[int]:
+        return [self.prompts[i].id for i in shard]
 
     @property
     def progress_label(self) -> str:

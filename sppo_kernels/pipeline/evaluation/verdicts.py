@@ -87,6 +87,9 @@ class Verdicts(Stage):
     def size(self, shard: Sequence[Pair]) -> int:
         return len(shard)
 
+    def unit_ids(self, shard: Sequence[Pair]) -> list[int]:
+        return [p["id"] for p, _b in shard]
+
     @property
     def progress_label(self) -> str:
         return f"eval judge {self.judge_name} {self.folder.name}"
