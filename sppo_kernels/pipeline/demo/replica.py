@@ -39,7 +39,7 @@ from sppo_kernels.pipeline.core.errors import PipelineError
 from sppo_kernels.pipeline.core.store import atomic_path, write_jsonl
 from sppo_kernels.pipeline.demo.assets import END_OF_TURN, build_pairrm, build_policy, gold_pairs, load_ranker_from
 from sppo_kernels.pipeline.demo.gold import GoldJudge, base_response, world_prompts
-from sppo_kernels.pipeline.evaluation.evaluate import EvalOptions, evaluate, run_policies
+from sppo_kernels.pipeline.evaluation.evaluate import EvalOptions, evaluate_run
 from sppo_kernels.pipeline.evaluation.report import judge_table
 from sppo_kernels.pipeline.models import chat
 from sppo_kernels.pipeline.models.judge import RankOptions
@@ -314,17 +314,7 @@ def run_replica(
     options = replica_options(config, ranker, eval_file)
     run_dir = out / schema.DEMO_RUN
     run_pipeline(str(policy), str(prompts_file), run_dir, options)
-    return evaluate(
-        run_policies(str(policy), run_dir, config.iterations),
-        str(eval_file),
-        run_dir,
-        options.evaluate,
-        options.generate,
-        options.model,
-        options.rank,
-        options.prompts,
-        judges={"gold": GoldJudge()},
-    )
+    return evaluate_run(run_dir, str(policy), options, scorer=GoldJudge())
 
 
 def run_demo(out: str | Path, *, arch: str = "llama", iterations: int = 3, config: DemoConfig | None = None) -> Path:

@@ -25,7 +25,7 @@ from sppo_kernels.pipeline.core.stage import Rows, Stage
 from sppo_kernels.pipeline.core.store import chunks, write_json, write_jsonl
 from sppo_kernels.pipeline.models import chat
 from sppo_kernels.pipeline.models.policy import ModelOptions
-from sppo_kernels.pipeline.models.sampling import GenerateOptions, Sampler, make_sampler, unit_seed
+from sppo_kernels.pipeline.models.sampling import GenerateOptions, PolicySampler, Sampler, unit_seed
 
 # The generation options that change an evaluated response (the HF batch size too: padding changes samples).
 SAMPLING_FIELDS = ("temperature", "top_p", "max_new_tokens", "generation_backend", "generation_batch_size")
@@ -49,7 +49,8 @@ class Responses(Stage):
                  model_options: ModelOptions, *, seed: int, shard_size: int, generator: str, dataset: str,
                  sampler: Sampler | None = None) -> None:  # fmt: skip
         super().__init__(folder, sampling)
-        self.model, self.prompts, self.model_options, self.given_sampler = model, prompts, model_options, sampler
+        self.model, self.prompts, self.model_options = model, prompts, model_options
+        self.sampling = PolicySampler(model, self.options, model_options, sampler)
         self.seed, self.shard_size, self.generator, self.dataset = seed, shard_size, generator, dataset
 
     @property
@@ -62,26 +63,15 @@ class Responses(Stage):
         return stage_fingerprint("eval-generate", inputs, self.model_options)
 
     @cached_property
-    def tokenizer(self) -> Any:
-        return chat.load_tokenizer(self.model, trust_remote_code=self.model_options.trust_remote_code)
-
-    @cached_property
     def prompt_ids(self) -> list[list[int]]:
-        return [chat.encode_prompt(self.tokenizer, p.messages) for p in self.prompts]
-
-    @cached_property
-    def engine(self) -> Sampler:
-        """Built at the first unit: a fully resumed policy loads no model."""
-        if self.given_sampler is not None:
-            return self.given_sampler
-        return make_sampler(self.model, self.options, tokenizer=self.tokenizer, model_options=self.model_options)
+        return [chat.encode_prompt(self.sampling.tokenizer, p.messages) for p in self.prompts]
 
     @cached_property
     def units(self) -> list[range]:
         return chunks(range(len(self.prompts)), self.shard_size)
 
     def work(self, index: int, shard: range) -> Rows:
-        samples = self.engine.sample([self.prompt_ids[i] for i in shard], unit_seed(self.seed, 0, index))
+        samples = self.sampling.engine.sample([self.prompt_ids[i] for i in shard], unit_seed(self.seed, 0, index))
         if len(samples) != len(shard):
             raise PipelineError(f"the generation engine returned {len(samples)} responses for {len(shard)} prompts")
         return [

@@ -11,6 +11,7 @@ import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -20,6 +21,7 @@ from sppo_kernels.pipeline.core.distributed import engine_devices, visible_devic
 from sppo_kernels.pipeline.core.errors import PipelineError
 from sppo_kernels.pipeline.core.options import at_least, between, opt
 from sppo_kernels.pipeline.core.store import chunks
+from sppo_kernels.pipeline.models import chat
 from sppo_kernels.pipeline.models.policy import ModelOptions, default_device, load_whole_model
 
 
@@ -175,3 +177,22 @@ def make_sampler(model: str, options: GenerateOptions, *, tokenizer: Any, model_
             raise PipelineError("--generation-backend vllm needs vLLM (pip install 'sppo-kernels[vllm]')")
         return VLLMSampler(model, options, trust_remote_code=model_options.trust_remote_code)
     return HFSampler(model, options, tokenizer=tokenizer, model_options=model_options)
+
+
+class PolicySampler:
+    """A policy's tokenizer and generation engine, each built at its first use: a stage whose units are all
+    finished loads neither. ``sampler``: an engine to use instead of building one (tests)."""
+
+    def __init__(self, model: str, options: GenerateOptions, model_options: ModelOptions,
+                 sampler: Sampler | None = None) -> None:  # fmt: skip
+        self.model, self.options, self.model_options, self.given = model, options, model_options, sampler
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        return chat.load_tokenizer(self.model, trust_remote_code=self.model_options.trust_remote_code)
+
+    @cached_property
+    def engine(self) -> Sampler:
+        if self.given is not None:
+            return self.given
+        return make_sampler(self.model, self.options, tokenizer=self.tokenizer, model_options=self.model_options)

@@ -26,7 +26,7 @@ from sppo_kernels.pipeline.core.stage import Rows, Stage, run_stage
 from sppo_kernels.pipeline.core.store import chunks, write_jsonl
 from sppo_kernels.pipeline.models import chat
 from sppo_kernels.pipeline.models.policy import ModelOptions, context_length
-from sppo_kernels.pipeline.models.sampling import GenerateOptions, Sampler, engine_name, make_sampler, unit_seed
+from sppo_kernels.pipeline.models.sampling import GenerateOptions, PolicySampler, Sampler, engine_name, unit_seed
 
 Unit = tuple[int, int, range]  # (pass k, shard j, prompt positions)
 
@@ -41,7 +41,8 @@ class Generate(Stage):
         if not prompts:
             raise PipelineError("generate: the prompt set is empty")
         super().__init__(folder, options)
-        self.model, self.prompts, self.model_options, self.given_sampler = model, prompts, model_options, sampler
+        self.model, self.prompts, self.model_options = model, prompts, model_options
+        self.sampling = PolicySampler(model, self.options, model_options, sampler)
 
     @property
     def output(self) -> Path:
@@ -53,21 +54,10 @@ class Generate(Stage):
         return stage_fingerprint(self.name, inputs, resolved, self.model_options)
 
     @cached_property
-    def tokenizer(self) -> Any:
-        return chat.load_tokenizer(self.model, trust_remote_code=self.model_options.trust_remote_code)
-
-    @cached_property
-    def engine(self) -> Sampler:
-        """Built at the first unit: a fully resumed stage loads no model."""
-        if self.given_sampler is not None:
-            return self.given_sampler
-        return make_sampler(self.model, self.options, tokenizer=self.tokenizer, model_options=self.model_options)
-
-    @cached_property
     def prompt_ids(self) -> list[list[int]]:
         """The templated prompts' token ids (a prompt that does not fit in the model's context is refused)."""
         context = context_length(self.model, trust_remote_code=self.model_options.trust_remote_code)
-        return chat.encode_prompts(self.tokenizer, self.prompts, context)
+        return chat.encode_prompts(self.sampling.tokenizer, self.prompts, context)
 
     @cached_property
     def units(self) -> list[Unit]:
@@ -78,7 +68,9 @@ class Generate(Stage):
 
     def work(self, index: int, unit: Unit) -> Rows:
         k, j, shard = unit
-        samples = self.engine.sample([self.prompt_ids[i] for i in shard], unit_seed(self.options.generation_seed, k, j))
+        samples = self.sampling.engine.sample(
+            [self.prompt_ids[i] for i in shard], unit_seed(self.options.generation_seed, k, j)
+        )
         return [s._asdict() for s in samples]
 
     def size(self, unit: Unit) -> int:
