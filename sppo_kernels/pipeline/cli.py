@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sppo_kernels.pipeline import run
+from sppo_kernels.pipeline.core import distributed
 from sppo_kernels.pipeline.core.errors import PipelineError
 from sppo_kernels.pipeline.core.options import add_options, from_args
 from sppo_kernels.pipeline.evaluation.command import add_eval_command, eval_command
@@ -81,8 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         dispatch(args)
-    except PipelineError as e:
+    except PipelineError as e:  # every rank stops (a launcher stops the others when one fails)
         parser.exit(2, f"sppo-train: error: {e}\n")
+    distributed.leave()
     return 0
 
 

@@ -61,6 +61,16 @@ def join(backend: str = "gloo") -> None:
         quiet()
 
 
+def leave() -> None:
+    """Leave the launcher's process group once the command has succeeded on every rank (a gloo group left to the
+    interpreter's exit can abort the process after its work is written). A one-process group stays."""
+    import torch.distributed as dist
+
+    if launched_world_size() > 1 and _group_ready():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def quiet() -> None:
     """Keep a rank other than 0 off the console: no progress bars or notices of the libraries that load models
     (rank 0 shows the stage's one progress bar over all ranks' units, and its report)."""
