@@ -100,10 +100,10 @@ def test_sequence_logprobs_random_upstream(tiling, packed):
 
 @needs_extension
 def test_default_tiling_with_sequences_longer_than_the_block():
-    case = make_case(batch=3, length=230, width=24, vocab=60000, softcap=30.0, fully_masked=False, seed=4)
-    rows, cols = fused_cpu.Tiling().block(60000)
+    case = make_case(batch=3, length=230, width=24, vocab=120000, softcap=30.0, fully_masked=False, seed=4)
+    rows, cols = fused_cpu.Tiling().block(120000)
     scored = [int((y[1:] != -100).sum()) for y in case.labels]
-    assert min(scored) <= rows < max(scored) and cols < 60000, (scored, rows, cols)  # both paths, several tiles
+    assert min(scored) <= rows < max(scored) and cols < 120000, (scored, rows, cols)  # both paths, several tiles
     errors = errors_against_reference(case, poisoned())
     assert all(e <= 1e-4 for e in errors.values()), errors
 

@@ -35,9 +35,9 @@ class Tiling:
     between its GEMM and its elementwise work, and at most ``max_tile_cols`` columns, which bounds the upcast
     [cols, H] float32 weight tile that low-precision inputs need per thread."""
 
-    workspace_elements: int = 1 << 23
-    chunk_rows: int = 256
-    tile_elements: int = 1 << 18
+    workspace_elements: int = 1 << 24
+    chunk_rows: int = 2048
+    tile_elements: int = 1 << 21
     max_tile_cols: int = 1024
 
     def block(self, vocab: int) -> tuple[int, int]:
@@ -53,14 +53,37 @@ class Tiling:
         return min(vocab, self.max_tile_cols, max(1, self.tile_elements // rows))
 
 
+BLAS_CHOICES = ("auto", "mkl", "aten")
+LOW_PRECISION_GRAD_CHOICES = ("corrected", "split")
+
+
 @dataclass(frozen=True)
 class CpuConfig:
-    """Options of the ``"cpu"`` backend. ``poison`` NaN-fills every output buffer before the C++ writes it (tests
-    use it to catch unwritten elements); ``fused_sppo_loss`` forms the SPPO loss gradient in the forward."""
+    """Options of the ``"cpu"`` backend.
+
+    - ``poison`` NaN-fills every output buffer before the C++ writes it (tests use it to catch unwritten elements);
+    - ``fused_sppo_loss`` forms the SPPO loss gradient in the forward;
+    - ``blas``: ``"auto"`` runs bf16 GEMMs in oneDNN's brgemm ukernel on operands packed once (AMX CPUs), the others
+      in the MKL that torch's x86-64 builds carry (bf16 x bf16 -> float32 at the CPU's bf16 rate), or ATen where
+      torch has no MKL; ``"mkl"`` no brgemm; ``"aten"`` always ATen (bf16 tiles upcast);
+    - ``low_precision_grad`` (bfloat16 inputs): how the float32 logit gradient da enters the bf16 gradient GEMMs.
+      ``"corrected"``: rounded to bf16, and the few entries that carry most of the gradient (|da| >= |g| / (64 tau):
+      at most 65 per row) corrected exactly on the side, so dH and dW stay within ~1% of the float32 path's error at
+      the cost of one bf16 GEMM each; ``"split"``: as two bf16 parts hi + lo (da to ~16 bits, twice the GEMMs).
+    """
 
     tiling: Tiling = Tiling()
     poison: bool = False
     fused_sppo_loss: bool = True
+    blas: str = "auto"
+    low_precision_grad: str = "corrected"
+
+    def __post_init__(self) -> None:
+        if self.blas not in BLAS_CHOICES:
+            raise ValueError(f"blas must be one of {BLAS_CHOICES}, got {self.blas!r}")
+        if self.low_precision_grad not in LOW_PRECISION_GRAD_CHOICES:
+            choices, got = LOW_PRECISION_GRAD_CHOICES, self.low_precision_grad
+            raise ValueError(f"low_precision_grad must be one of {choices}, got {got!r}")
 
 
 def workspace_bytes(vocab: int, width: int, dtype: torch.dtype, seeded: bool, tiling: Tiling = Tiling()) -> int:
@@ -91,7 +114,7 @@ class _Rows:
     temperature: float
     block: tuple[int, int]
     chunk: tuple[int, int]
-    poison: bool
+    flags: tuple[str, bool, bool]  # blas, split the bf16 gradient, poison
 
     @staticmethod
     def of(targets: Tensor, seq_ids: Tensor, num_seqs: int, vocab: int, softcap: float | None, temperature: float,
@@ -100,14 +123,15 @@ class _Rows:
         cap = 0.0 if softcap is None else float(softcap)
         kept = (rows, targets.index_select(0, rows), seq_ids.index_select(0, rows))
         tiling = config.tiling
-        return _Rows(*kept, num_seqs, cap, float(temperature), tiling.block(vocab), tiling.chunk(vocab), config.poison)
+        flags = (config.blas, config.low_precision_grad == "split", config.poison)
+        return _Rows(*kept, num_seqs, cap, float(temperature), tiling.block(vocab), tiling.chunk(vocab), flags)
 
     def forward(self, hidden, weight, bias, seeds=None, needs=(False, False, False)) -> list:
         """[logps, lse, dh, dw, db]; gradients for seeds = (slope, offset), where ``needs`` asks for them."""
         slope, offset = (None, None) if seeds is None else seeds
         return extension().forward(
             hidden, weight, bias, self.rows, self.targets, self.seq, self.num_seqs, self.softcap, self.temperature,
-            slope, offset, needs[0], needs[1], needs[2] and bias is not None, *self.block, *self.chunk, self.poison,
+            slope, offset, needs[0], needs[1], needs[2] and bias is not None, *self.block, *self.chunk, *self.flags,
         )  # fmt: skip
 
     def backward(self, hidden, weight, bias, lse, grad_seq, needs) -> tuple:
@@ -115,7 +139,7 @@ class _Rows:
         return tuple(
             extension().backward(
                 hidden, weight, bias, self.rows, self.targets, self.seq, lse, grad_seq, self.softcap,
-                self.temperature, needs[0], needs[1], needs[2] and bias is not None, *self.chunk, self.poison,
+                self.temperature, needs[0], needs[1], needs[2] and bias is not None, *self.chunk, *self.flags,
             )
         )  # fmt: skip
 
