@@ -6,15 +6,10 @@
 // Where: MKL, which torch's x86-64 builds link statically and export (sgemm_, dgemm_, cblas_gemm_bf16bf16f32),
 // found with dlsym at load time; otherwise -- or when the caller asks -- ATen (at::mm on views; bfloat16 operands
 // upcast first). A worker runs MKL with one thread (MKL_Set_Num_Threads_Local) so that the parallelism is ours.
-//
-// On CPUs with AMX the two-pass bfloat16 GEMMs run instead in oneDNN's brgemm ukernel (amx.h); Gemm::brgemm says so.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
-
-#include "amx.h"
 
 #include <dlfcn.h>
 
@@ -54,26 +49,21 @@ struct Mkl {
   }
 };
 
-// Which libraries run the GEMMs of one call: "auto" (brgemm where it applies, MKL, else ATen), "mkl" (MKL, else
-// ATen) or "aten".
+// Which library runs the GEMMs of one call: "auto" (MKL where torch has it, else ATen) or "aten".
 struct Gemm {
   const Mkl* mkl;  // null: ATen
-  bool brgemm;     // bfloat16 GEMMs on packed B operands through oneDNN's brgemm ukernel (AMX)
 
   explicit Gemm(const std::string& choice = "auto")
-      : mkl(choice != "aten" && Mkl::find().complete() ? &Mkl::find() : nullptr),
-        brgemm(choice == "auto" && amx::vnni_layout_matches()) {}
-  std::string name() const { return brgemm ? "brgemm+mkl" : (mkl ? "mkl" : "aten"); }
+      : mkl(choice == "auto" && Mkl::find().complete() ? &Mkl::find() : nullptr) {}
+  std::string name() const { return mkl ? "mkl" : "aten"; }
 };
 
-// While alive, MKL calls of this thread run on one thread (restored after); at the end the thread's brgemm hardware
-// context (AMX tile configuration) is released.
+// While alive, MKL calls of this thread run on one thread (restored after).
 class WorkerBlas {
  public:
   explicit WorkerBlas(const Gemm& g) : gemm_(g), before_(g.mkl ? g.mkl->local_threads(1) : 0) {}
   ~WorkerBlas() {
     if (gemm_.mkl) gemm_.mkl->local_threads(before_);
-    if (gemm_.brgemm) at::native::cpublas::brgemm_release(true);
   }
   WorkerBlas(const WorkerBlas&) = delete;
   WorkerBlas& operator=(const WorkerBlas&) = delete;
@@ -145,8 +135,6 @@ inline void gemm(const Gemm& g, bool ta, bool tb, int64_t m, int64_t n, int64_t 
     g.mkl->bf16(row_major, ta ? trans : no_trans, tb ? trans : no_trans, int(m), int(n), int(k), 1.0f,
                 reinterpret_cast<const uint16_t*>(a), int(lda), reinterpret_cast<const uint16_t*>(b), int(ldb), beta,
                 c, int(ldc));
-    // MKL releases the AMX tile configuration when it is done: make the next brgemm call configure it again.
-    if (g.brgemm) at::native::cpublas::brgemm_release(true);
     return;
   }
   gemm_detail::aten(ta, tb, m, n, k, a, lda, b, ldb, at::kBFloat16, beta, c, ldc, at::kFloat);

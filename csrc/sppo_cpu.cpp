@@ -171,13 +171,11 @@ struct Correction {
 // Per-thread buffers, allocated on first use (flat, grown when a larger one is asked for).
 struct ThreadScratch {
   Tensor z;       // logits tile [rows, cols] (compute dtype)
-  Tensor hi, lo;  // bf16 parts of da [rows, cols] (brgemm: a zero column appended when cols is odd)
-  Tensor dw, db;  // dW / db tile accumulators (compute dtype) for low-precision weights: [cols, H] ([H, cols] brgemm)
+  Tensor hi, lo;  // bf16 parts of da [rows, cols]
+  Tensor dw, db;  // dW / db tile accumulators [cols, H] / [cols] (compute dtype), for low-precision weights
   Tensor dh;      // dH partial of the thread (compute dtype), rows as the pass says
   bool dh_started = false;
-  std::vector<Correction> corrections;  // exact parts of the current tile's largest da entries (bf16 operands)
-  Tensor w_t, w, part;  // brgemm, packed: the weight tile as B = W_t^T (logits) and B = W_t (dH); a da part (dW)
-  Tensor dw_rows;       // brgemm: the dW^T accumulator transposed back to [cols, H]
+  std::vector<Correction> corrections;  // exact parts of the current vocabulary tile's largest da entries (bf16)
 };
 
 template <typename E>
@@ -197,16 +195,12 @@ inline Tensor sum_partials(std::vector<ThreadScratch>& scratch, int64_t rows, in
   return dh;
 }
 
-// Logits tile z[n, vt] (row stride ldz) = transform(h w_t^T + b[v0:]); h: [n, H] (row stride ldh), w_t: [vt, H];
-// w_packed: w_t packed as B = w_t^T for brgemm, or null.
+// Logits tile z[n, vt] (row stride ldz) = transform(h w_t^T + b[v0:]); h: [n, H] (row stride ldh), w_t: [vt, H].
 template <typename T, typename Op>
-void logits_tile(const Head& p, const Op* h, int64_t ldh, int64_t n, const Tensor& w_t, const Op* w_packed,
-                 int64_t v0, T* z, int64_t ldz) {
+void logits_tile(const Head& p, const Op* h, int64_t ldh, int64_t n, const Tensor& w_t, int64_t v0, T* z,
+                 int64_t ldz) {
   const int64_t H = p.width(), vt = w_t.size(0);
-  if constexpr (std::is_same_v<Op, BF16>) {
-    if (w_packed != nullptr) sppo::amx::multiply(n, vt, H, h, ldh, w_packed, false, z, ldz);
-  }
-  if (w_packed == nullptr) sppo::gemm(p.gemm, false, true, n, vt, H, h, ldh, w_t.data_ptr<Op>(), w_t.stride(0), T(0), z, ldz);
+  sppo::gemm(p.gemm, false, true, n, vt, H, h, ldh, w_t.data_ptr<Op>(), w_t.stride(0), T(0), z, ldz);
   const T* b = p.bias.defined() ? p.bias.data_ptr<T>() + v0 : nullptr;
   if (b == nullptr && p.softcap <= 0 && p.temperature == 1.0) return;
   for (int64_t r = 0; r < n; ++r) {
@@ -230,19 +224,16 @@ void add_column_sums(const T* z, int64_t n, int64_t vt, int64_t ldz, T* db, T be
 constexpr double kExactShare = 1.0 / 64;
 
 // The da tile z [n, vt] (row stride ldz) of kept rows [row0, row0 + n) as bf16 parts hi (and lo, when split)
-// [n, vt] with row stride ld (a zero column at vt when ld > vt); without lo, sc.corrections gets the exact
-// remainders of the large entries (applied once per vocabulary tile). g: the rows' upstream gradient.
-// Returns {hi, lo or null}.
+// [n, vt]; without lo, sc.corrections gets the exact remainders of the large entries (applied once per vocabulary
+// tile). g: the rows' upstream gradient. Returns {hi, lo or null}.
 std::pair<BF16*, BF16*> split_tile(const Head& p, ThreadScratch& sc, const float* z, int64_t row0, int64_t n,
-                                   int64_t vt, int64_t ldz, const float* g, int64_t ld) {
-  BF16* hi = buffer<BF16>(sc.hi, n * ld, at::kBFloat16);
-  BF16* lo = p.split_grad ? buffer<BF16>(sc.lo, n * ld, at::kBFloat16) : nullptr;
+                                   int64_t vt, int64_t ldz, const float* g) {
+  BF16* hi = buffer<BF16>(sc.hi, n * vt, at::kBFloat16);
+  BF16* lo = p.split_grad ? buffer<BF16>(sc.lo, n * vt, at::kBFloat16) : nullptr;
   for (int64_t r = 0; r < n; ++r) {
     const float* da = z + r * ldz;
-    uint16_t* hr = reinterpret_cast<uint16_t*>(hi + r * ld);
-    uint16_t* lr = lo ? reinterpret_cast<uint16_t*>(lo + r * ld) : nullptr;
-    sppo::split(da, vt, hr, lr);
-    for (int64_t j = vt; j < ld; ++j) hr[j] = lr ? (lr[j] = 0) : 0;
+    uint16_t* hr = reinterpret_cast<uint16_t*>(hi + r * vt);
+    sppo::split(da, vt, hr, lo ? reinterpret_cast<uint16_t*>(lo + r * vt) : nullptr);
     if (lo != nullptr) continue;
     const float exact_from = static_cast<float>(kExactShare * std::fabs(g[r]) / p.temperature);
     for (int64_t j = 0; j < vt; ++j) {
@@ -279,7 +270,7 @@ void blas_gradient(const Head& p, ThreadScratch& sc, const T* z, int64_t row0, i
   const int64_t H = p.width();
   if (db != nullptr) add_column_sums(z, n, vt, ldz, db, beta_w);
   if constexpr (std::is_same_v<Op, BF16>) {
-    const auto [hi, lo] = split_tile(p, sc, z, row0, n, vt, ldz, g, vt);
+    const auto [hi, lo] = split_tile(p, sc, z, row0, n, vt, ldz, g);
     for (const BF16* part : {static_cast<const BF16*>(hi), static_cast<const BF16*>(lo)}) {
       if (part == nullptr) continue;
       if (dw != nullptr) sppo::gemm(p.gemm, true, false, vt, H, n, part, vt, h, ldh, beta_w, dw, H);
@@ -296,68 +287,15 @@ void blas_gradient(const Head& p, ThreadScratch& sc, const T* z, int64_t row0, i
 // Two passes (8NHV).
 // ---------------------------------------------------------------------------------------------------------------
 
-// The row operands of the two passes: the kept hidden rows in the operand dtype, and for brgemm each row chunk
-// transposed (the A operand of dW^T = h^T da).
+// The kept hidden rows [M, H] in the operand dtype, the A operand of the two passes.
 template <typename Op>
 struct RowOperands {
-  Tensor hk;                     // [M, ld]: ld = H, or H + 1 with a zero column (brgemm with H odd)
-  int64_t ld = 0;
-  std::vector<Tensor> chunks_t;  // brgemm: chunk c transposed, [H, n] (+1 zero column when n is odd)
+  Tensor hk;
+  int64_t ld;
 
-  RowOperands(const Head& p, const Tiles& tiles, bool brgemm) {
-    const int64_t M = p.kept(), H = p.width();
-    const at::ScalarType operand = scalar_type_of<Op>();
-    hk = p.hidden_rows(0, M, operand);
-    ld = H;
-    if (!brgemm || !std::is_same_v<Op, BF16>) return;
-    if (H % 2 == 1) {
-      Tensor padded = at::zeros({M, H + 1}, hk.options());
-      padded.narrow(1, 0, H).copy_(hk);
-      hk = padded;
-      ld = H + 1;
-    }
-    for (int64_t r0 = 0; r0 < M; r0 += tiles.rows) {
-      const int64_t n = std::min(tiles.rows, M - r0);
-      Tensor t = at::zeros({H, sppo::amx::even(n)}, hk.options());
-      t.narrow(1, 0, n).copy_(hk.narrow(0, r0, n).narrow(1, 0, H).t());
-      chunks_t.push_back(t);
-    }
-  }
+  RowOperands(const Head& p) : hk(p.hidden_rows(0, p.kept(), scalar_type_of<Op>())), ld(p.width()) {}
   const Op* rows(int64_t r0) const { return hk.data_ptr<Op>() + r0 * ld; }
 };
-
-// brgemm (bf16): da tile (in z, [n, vt]; kept rows [row0, row0 + n)) -> dW^T tile [H, vt] (+)= h^T da, dH rows
-// [n, H] (+)= da w_t, db (+)=. h_t: the chunk's rows transposed [H, even(n)], w_packed: w_t packed as B = w_t.
-void amx_gradient(const Head& p, ThreadScratch& sc, const float* z, int64_t row0, int64_t n, int64_t vt,
-                  const float* g, const Tensor& h_t, const BF16* w_packed, float* dw_t, float* db, float beta_w,
-                  float* dh, float beta_h) {
-  const int64_t H = p.width(), ld = sppo::amx::even(vt);
-  if (db != nullptr) add_column_sums(z, n, vt, vt, db, beta_w);
-  const auto [hi, lo] = split_tile(p, sc, z, row0, n, vt, vt, g, ld);
-  for (const BF16* part : {static_cast<const BF16*>(hi), static_cast<const BF16*>(lo)}) {
-    if (part == nullptr) continue;
-    if (dw_t != nullptr) {
-      BF16* packed = buffer<BF16>(sc.part, sppo::amx::packed_elements(n, vt), at::kBFloat16);
-      sppo::amx::pack_rows(part, n, vt, ld, packed);
-      sppo::amx::multiply(H, vt, n, h_t.data_ptr<BF16>(), h_t.size(1), packed, beta_w != 0, dw_t, vt);
-    }
-    if (dh != nullptr) sppo::amx::multiply(n, H, vt, part, ld, w_packed, beta_h != 0, dh, H);
-    beta_w = beta_h = 1.0f;
-  }
-}
-
-// The weight tile w [vt, H] packed for brgemm into `into`, as B = w^T (logits) or as B = w (dH).
-const BF16* pack_weight_tile(const Tensor& w, bool as_transpose, Tensor& into) {
-  const int64_t vt = w.size(0), H = w.size(1);
-  const int64_t K = as_transpose ? H : vt, N = as_transpose ? vt : H;
-  BF16* out = buffer<BF16>(into, sppo::amx::packed_elements(K, N), at::kBFloat16);
-  if (as_transpose) {
-    sppo::amx::pack_transposed(w.data_ptr<BF16>(), K, N, w.stride(0), out);
-  } else {
-    sppo::amx::pack_rows(w.data_ptr<BF16>(), K, N, w.stride(0), out);
-  }
-  return out;
-}
 
 // Forward: lse [M] (written) and logp [B] (added to).
 template <typename T, typename Op>
@@ -365,7 +303,6 @@ void forward_pass(const Head& p, const RowOperands<Op>& rows, const Tiles& tiles
   const int64_t M = p.kept(), V = p.vocab();
   const int64_t parts = std::min(tiles.count, kForwardParts);
   const int64_t* y = p.targets.data_ptr<int64_t>();
-  const bool brgemm = std::is_same_v<Op, BF16> && p.gemm.brgemm;
   std::vector<T> m(parts * M, -std::numeric_limits<T>::infinity()), s(parts * M, T(0)), picked(M, T(0));
   std::vector<ThreadScratch> scratch(at::get_num_threads());
   parallel_items(p.gemm, parts, [&](int64_t part, int thread) {
@@ -374,11 +311,9 @@ void forward_pass(const Head& p, const RowOperands<Op>& rows, const Tiles& tiles
     for (int64_t t = part * tiles.count / parts; t < (part + 1) * tiles.count / parts; ++t) {
       const int64_t v0 = t * tiles.width, vt = tiles.cols(t, V);
       const Tensor w_t = p.weight_tile(v0, vt, scalar_type_of<Op>());
-      const Op* w_packed = nullptr;
-      if constexpr (std::is_same_v<Op, BF16>) w_packed = brgemm ? pack_weight_tile(w_t, true, sc.w_t) : nullptr;
       for (int64_t r0 = 0; r0 < M; r0 += tiles.rows) {
         const int64_t n = std::min(tiles.rows, M - r0);
-        logits_tile<T, Op>(p, rows.rows(r0), rows.ld, n, w_t, w_packed, v0, z, vt);
+        logits_tile<T, Op>(p, rows.rows(r0), rows.ld, n, w_t, v0, z, vt);
         for (int64_t r = 0; r < n; ++r) {
           sppo::fold(z + r * vt, vt, m[part * M + r0 + r], s[part * M + r0 + r]);
           const int64_t col = y[r0 + r] - v0;
@@ -404,7 +339,6 @@ void grad_pass(const Head& p, const RowOperands<Op>& rows, const Tiles& tiles, c
   const int64_t M = p.kept(), H = p.width(), V = p.vocab();
   const int64_t* y = p.targets.data_ptr<int64_t>();
   const T softcap = static_cast<T>(p.softcap), temperature = static_cast<T>(p.temperature);
-  const bool brgemm = std::is_same_v<Op, BF16> && p.gemm.brgemm;
   const bool in_place = p.weight_in_compute();  // else a per-tile accumulator, written once
   const T beta_out = in_place && gr.started ? T(1) : T(0);
   std::vector<ThreadScratch> scratch(at::get_num_threads());
@@ -412,12 +346,6 @@ void grad_pass(const Head& p, const RowOperands<Op>& rows, const Tiles& tiles, c
     ThreadScratch& sc = scratch[thread];
     const int64_t v0 = t * tiles.width, vt = tiles.cols(t, V);
     const Tensor w_t = p.weight_tile(v0, vt, scalar_type_of<Op>());
-    const Op* w_packed_t = nullptr;
-    const Op* w_packed = nullptr;
-    if constexpr (std::is_same_v<Op, BF16>) {
-      w_packed_t = brgemm ? pack_weight_tile(w_t, true, sc.w_t) : nullptr;
-      w_packed = brgemm && gr.dh.defined() ? pack_weight_tile(w_t, false, sc.w) : nullptr;
-    }
     T* z = buffer<T>(sc.z, std::min(tiles.rows, M) * tiles.width, p.compute());
     T* dw = !gr.dw.defined() ? nullptr
             : in_place       ? gr.dw.data_ptr<T>() + v0 * H
@@ -426,29 +354,16 @@ void grad_pass(const Head& p, const RowOperands<Op>& rows, const Tiles& tiles, c
     T* dh = gr.dh.defined() ? buffer<T>(sc.dh, M * H, p.compute()) : nullptr;
     const T beta_h = sc.dh_started ? T(1) : T(0);
     T beta_w = beta_out;
-    for (int64_t r0 = 0, c = 0; r0 < M; r0 += tiles.rows, ++c) {
+    for (int64_t r0 = 0; r0 < M; r0 += tiles.rows) {
       const int64_t n = std::min(tiles.rows, M - r0);
-      logits_tile<T, Op>(p, rows.rows(r0), rows.ld, n, w_t, w_packed_t, v0, z, vt);
+      logits_tile<T, Op>(p, rows.rows(r0), rows.ld, n, w_t, v0, z, vt);
       for (int64_t r = 0; r < n; ++r) {  // logits -> da, in place
         const int64_t col = y[r0 + r] - v0;
         sppo::grad(z + r * vt, vt, col >= 0 && col < vt ? col : -1, lse[r0 + r], g[r0 + r], softcap, temperature);
       }
-      T* dh_rows = dh ? dh + r0 * H : nullptr;
-      if constexpr (std::is_same_v<Op, BF16>) {
-        if (brgemm) {
-          amx_gradient(p, sc, z, r0, n, vt, g + r0, rows.chunks_t[c], w_packed, dw, db, beta_w, dh_rows, beta_h);
-        }
-      }
-      if (!brgemm) {
-        blas_gradient<T, Op>(p, sc, z, r0, n, vt, vt, g + r0, rows.rows(r0), rows.ld, w_t.data_ptr<Op>(),
-                             w_t.stride(0), dw, db, beta_w, dh_rows, beta_h);
-      }
+      blas_gradient<T, Op>(p, sc, z, r0, n, vt, vt, g + r0, rows.rows(r0), rows.ld, w_t.data_ptr<Op>(),
+                           w_t.stride(0), dw, db, beta_w, dh ? dh + r0 * H : nullptr, beta_h);
       beta_w = T(1);
-    }
-    if (brgemm && dw != nullptr) {  // dW^T [H, vt] -> dW [vt, H]
-      T* rows_layout = buffer<T>(sc.dw_rows, vt * H, p.compute());
-      sppo::amx::transpose4(dw, H, vt, vt, rows_layout, H);
-      dw = rows_layout;
     }
     if constexpr (std::is_same_v<Op, BF16>) {
       apply_corrections(sc, H, rows.rows(0), rows.ld, w_t.data_ptr<BF16>(), w_t.stride(0), dw, dh);
@@ -494,7 +409,7 @@ void seeded_chunk(const Head& p, Block<T>& bl, int64_t begin, int64_t n, T* lse,
     const int64_t v0 = t * width, vt = bl.tiles.cols(t, V);
     const Tensor w_t = p.weight_tile(v0, vt, p.compute());
     T* z = bl.z(t, n);
-    logits_tile<T, T>(p, h, H, n, w_t, nullptr, v0, z, width);
+    logits_tile<T, T>(p, h, H, n, w_t, v0, z, width);
     for (int64_t r = 0; r < n; ++r) {
       T mr = -std::numeric_limits<T>::infinity(), sr = 0;
       sppo::fold(z + r * width, vt, mr, sr);
@@ -575,7 +490,7 @@ std::vector<double> forward_rows(const Head& p, int64_t num_seqs, const Tiles& b
                                  const double* slope, const double* offset, Grads* gr) {
   std::vector<double> logp(num_seqs, 0.0);
   if (gr == nullptr) {
-    forward_pass<T, Op>(p, RowOperands<Op>(p, chunk, p.gemm.brgemm), chunk, lse.data_ptr<T>(), logp);
+    forward_pass<T, Op>(p, RowOperands<Op>(p), chunk, lse.data_ptr<T>(), logp);
     return logp;
   }
   const bool blockable = std::is_same_v<T, Op> && p.weight_in_compute();
@@ -595,7 +510,7 @@ std::vector<double> forward_rows(const Head& p, int64_t num_seqs, const Tiles& b
   }
   if (!longer.empty()) {
     const Head sub = longer.size() == size_t(p.kept()) ? p : p.subset(longer);
-    const RowOperands<Op> rows(sub, chunk, p.gemm.brgemm);
+    const RowOperands<Op> rows(sub);
     Tensor sub_lse = at::empty({sub.kept()}, p.compute_options());
     forward_pass<T, Op>(sub, rows, chunk, sub_lse.data_ptr<T>(), logp);
     std::vector<T> g(sub.kept());
@@ -733,7 +648,7 @@ std::vector<Tensor> backward(const Tensor& hidden, const Tensor& weight, const s
   const Tensor g = grad.detach().to(p.compute()).index_select(0, p.seq).contiguous();  // per kept row
   const Tensor l = lse.contiguous();
   dispatch(p, [&]<typename T, typename Op>() {
-    grad_pass<T, Op>(p, RowOperands<Op>(p, chunk, p.gemm.brgemm), chunk, l.data_ptr<T>(), g.data_ptr<T>(), gr);
+    grad_pass<T, Op>(p, RowOperands<Op>(p), chunk, l.data_ptr<T>(), g.data_ptr<T>(), gr);
   });
   return {gr.dh, gr.dw, gr.db};
 }
@@ -788,7 +703,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("gemm_rate", &gemm_rate, "GFLOP/s of the backend's GEMM (benchmarks)", py::call_guard<py::gil_scoped_release>());
   m.def("blas", [](const std::string& choice) { return Gemm(choice).name(); },
-        "the GEMM libraries a blas choice (auto, mkl, aten) uses here");
+        "the GEMM library a blas choice (auto, aten) uses here: mkl or aten");
   m.def("num_threads", [] { return at::get_num_threads(); }, "the intra-op thread count the kernels use");
   m.def("source_hash", [] { return std::string(SPPO_STRINGIFY(SPPO_SOURCE_HASH)); }, "hash of the built source");
 }

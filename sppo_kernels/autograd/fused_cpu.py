@@ -53,7 +53,7 @@ class Tiling:
         return min(vocab, self.max_tile_cols, max(1, self.tile_elements // rows))
 
 
-BLAS_CHOICES = ("auto", "mkl", "aten")
+BLAS_CHOICES = ("auto", "aten")
 LOW_PRECISION_GRAD_CHOICES = ("corrected", "split")
 
 
@@ -63,9 +63,9 @@ class CpuConfig:
 
     - ``poison`` NaN-fills every output buffer before the C++ writes it (tests use it to catch unwritten elements);
     - ``fused_sppo_loss`` forms the SPPO loss gradient in the forward;
-    - ``blas``: ``"auto"`` runs bf16 GEMMs in oneDNN's brgemm ukernel on operands packed once (AMX CPUs), the others
-      in the MKL that torch's x86-64 builds carry (bf16 x bf16 -> float32 at the CPU's bf16 rate), or ATen where
-      torch has no MKL; ``"mkl"`` no brgemm; ``"aten"`` always ATen (bf16 tiles upcast);
+    - ``blas``: ``"auto"`` runs the GEMMs in the MKL that torch's x86-64 builds carry (bf16 x bf16 -> float32 at
+      the CPU's bf16 rate, AMX where present), or ATen where torch has no MKL; ``"aten"`` always ATen (bf16 tiles
+      upcast to float32);
     - ``low_precision_grad`` (bfloat16 inputs): how the float32 logit gradient da enters the bf16 gradient GEMMs.
       ``"corrected"``: rounded to bf16, and the few entries that carry most of the gradient (|da| >= |g| / (64 tau):
       at most 65 per row) corrected exactly on the side, so dH and dW stay within ~1% of the float32 path's error at
