@@ -97,18 +97,24 @@ inline void transform_row(T* z, const T* bias, int64_t len, T softcap, T tempera
   }
 }
 
-// Online log-sum-exp: fold z[0, len) into the row's running max m and sum s = sum exp(z - m).
+// Online log-sum-exp: fold z[0, len) into the row's running max m and sum s = sum exp(z - m), in blocks of 256 that
+// stay in L1 between their max and their sum (one pass over the tile in memory).
 template <typename T>
 inline void fold_row(const T* z, int64_t len, T& m, T& s) {
-  T tile_max = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : tile_max)
-  for (int64_t j = 0; j < len; ++j) tile_max = std::max(tile_max, z[j]);
-  const T new_max = std::max(m, tile_max);
-  T sum = 0;
+  constexpr int64_t block = 256;
+  for (int64_t j0 = 0; j0 < len; j0 += block) {
+    const T* x = z + j0;
+    const int64_t n = std::min(block, len - j0);
+    T block_max = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : block_max)
+    for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, x[j]);
+    const T new_max = std::max(m, block_max);
+    T sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < len; ++j) sum += exp_nonpositive(z[j] - new_max);
-  s = s * exp_approx(m - new_max) + sum;
-  m = new_max;
+    for (int64_t j = 0; j < n; ++j) sum += exp_nonpositive(x[j] - new_max);
+    s = s * exp_approx(m - new_max) + sum;
+    m = new_max;
+  }
 }
 
 // Logits z -> da = g (onehot(y) - exp(z - lse)) dz/da, in place. y: the target's column in the segment, or -1.

@@ -236,8 +236,15 @@ std::pair<BF16*, BF16*> split_tile(const Head& p, ThreadScratch& sc, const float
     sppo::split(da, vt, hr, lo ? reinterpret_cast<uint16_t*>(lo + r * vt) : nullptr);
     if (lo != nullptr) continue;
     const float exact_from = static_cast<float>(kExactShare * std::fabs(g[r]) / p.temperature);
-    for (int64_t j = 0; j < vt; ++j) {
-      if (std::fabs(da[j]) >= exact_from) sc.corrections.push_back({row0 + r, j, da[j] - sppo::bf16_value(hr[j])});
+    for (int64_t j0 = 0; j0 < vt; j0 += 64) {  // most blocks of 64 hold no large entry: skip them on their max
+      const int64_t end = std::min(vt, j0 + 64);
+      float block_max = 0.0f;
+#pragma omp simd reduction(max : block_max)
+      for (int64_t j = j0; j < end; ++j) block_max = std::max(block_max, std::fabs(da[j]));
+      if (!(block_max >= exact_from)) continue;
+      for (int64_t j = j0; j < end; ++j) {
+        if (std::fabs(da[j]) >= exact_from) sc.corrections.push_back({row0 + r, j, da[j] - sppo::bf16_value(hr[j])});
+      }
     }
   }
   return {hi, lo};

@@ -143,6 +143,44 @@ def test_low_precision_within_plain_torch_error(dtype):
 
 
 @needs_extension
+def test_bf16_gradient_correction_keeps_the_float32_paths_error():
+    """bf16 gradient GEMMs take da rounded to bf16; its large entries are corrected exactly on the side. That must
+    give the error of da in two parts (hi + lo, ~float32): without the correction this case is ~20% worse."""
+    case = make_case(batch=4, length=40, width=64, vocab=700, softcap=None, temperature=1.0, seed=21)
+    for name, scale in (("hidden", 1.0), ("weight", 3.0), ("bias", 1.0)):  # peaked softmax; exact bf16 inputs
+        setattr(case, name, getattr(case, name).mul(scale).bfloat16().double())
+    _, _, ref = reference_grads(case)
+    tiling = fused_cpu.Tiling(13 * 700, chunk_rows=13, tile_elements=13 * 100, max_tile_cols=100)
+    errors = {}
+    for mode in ("corrected", "split"):
+        _, _, params = backend_grads(case, poisoned(tiling).with_options(low_precision_grad=mode), torch.bfloat16)
+        l2 = {k: (p.grad.double() - ref[k].grad).norm() / ref[k].grad.norm() for k, p in params.items()}
+        errors[mode] = {k: float(v) for k, v in l2.items()}
+    assert all(errors["corrected"][k] <= 1.02 * errors["split"][k] for k in errors["split"]), errors
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_aten_gemms(dtype):
+    """blas="aten" (torch without MKL): the same results through at::mm (bf16 tiles upcast)."""
+    case = make_case(seed=22)
+    vocab = case.weight.shape[0]
+    aten = tiled(7, 13, vocab).with_options(blas="aten")
+    ours = errors_against_reference(case, aten, dtype)
+    if dtype == torch.float32:
+        assert all(e <= 1e-4 for e in ours.values()), ours
+    else:
+        plain = plain_low_precision_errors(case, dtype)
+        assert all(ours[k] <= plain[k] + 1e-3 for k in ours), (ours, plain)
+
+
+@pytest.mark.parametrize("option", [{"blas": "mkl"}, {"low_precision_grad": "round"}])
+def test_bad_options_are_refused(option):
+    with pytest.raises(ValueError, match=next(iter(option))):
+        sk.get_backend("cpu", **option)
+
+
+@needs_extension
 def test_gradient_formed_in_forward_is_used_only_when_valid(monkeypatch):
     """Scalar losses and uniform "none" gradients take the formed gradient; anything else recomputes."""
     calls = []
@@ -286,19 +324,21 @@ def test_thread_count_is_torchs():
 
 
 @needs_extension
-def test_workspace_bound_and_no_n_by_v_buffer(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_workspace_bound_and_no_n_by_v_buffer(dtype):
     """Peak RSS growth of one fused forward+backward in a fresh process stays within the stated workspace plus
-    the outputs, far below one N x V float32 buffer."""
+    the outputs, far below one N x V float32 buffer (float32: the seeded block; bfloat16: the two sweeps, dW
+    summed per vocabulary tile: no float32 [V, H] buffer either)."""
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("cannot reset the RSS high-water mark here")
     script = textwrap.dedent(
-        """
+        f"""
         import json, torch, sppo_kernels as sk
         from sppo_kernels.autograd import fused_cpu
         torch.manual_seed(0)
-        B, T, H, V = 2, 256, 64, 50000
-        hidden = torch.randn(B, T, H, requires_grad=True)
-        weight = (torch.randn(V, H) * 0.05).requires_grad_(True)
+        B, T, H, V, dtype = 2, 256, 64, 50000, torch.{dtype}
+        hidden = torch.randn(B, T, H).to(dtype).requires_grad_(True)
+        weight = (torch.randn(V, H) * 0.05).to(dtype).requires_grad_(True)
         labels = torch.randint(0, V, (B, T))
         ref, probs = torch.full((B,), -2000.0), torch.full((B,), 0.6)
         sk.sppo_loss(hidden[:, :2], weight, labels[:, :2], ref, probs, backend="cpu")  # load, no big allocations
@@ -310,8 +350,9 @@ def test_workspace_bound_and_no_n_by_v_buffer(tmp_path):
         base = kib("VmRSS")
         sk.sppo_loss(hidden, weight, labels, ref, probs, backend="cpu").backward()
         growth = (kib("VmHWM") - base) * 1024
-        bound = fused_cpu.workspace_bytes(V, H, torch.float32, seeded=True)
-        print(json.dumps({"growth": growth, "workspace": bound, "outputs": 4 * (V * H + B * T * H)}))
+        bound = fused_cpu.workspace_bytes(V, H, B * (T - 1), dtype, seeded=True)
+        outputs = dtype.itemsize * (V * H + B * T * H)
+        print(json.dumps({{"growth": growth, "workspace": bound, "outputs": outputs}}))
         """
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
