@@ -465,6 +465,16 @@ void seeded_pass(const Head& p, const Tiles& block, T* lse, std::vector<double>&
                  const double* offset, Grads& gr) {
   const int64_t M = p.kept();
   const int64_t* seq = p.seq.data_ptr<int64_t>();
+  // A chunk holds at most half the kept rows (or the longest sequence, when longer), so the block never holds all
+  // N x V logits -- what an implementation that materialises them keeps at its peak -- besides dW.
+  int64_t longest_sequence = 0;
+  for (int64_t r = 0, start = 0; r < M; ++r) {
+    if (r + 1 == M || seq[r + 1] != seq[r]) {
+      longest_sequence = std::max(longest_sequence, r + 1 - start);
+      start = r + 1;
+    }
+  }
+  const int64_t rows = std::min(block.rows, std::max(longest_sequence, (M + 1) / 2));
   std::vector<std::pair<int64_t, int64_t>> chunks;  // [begin, end)
   int64_t longest = 0;
   for (int64_t begin = 0; begin < M;) {
@@ -472,7 +482,7 @@ void seeded_pass(const Head& p, const Tiles& block, T* lse, std::vector<double>&
     while (end < M) {
       int64_t next = end;
       while (next < M && seq[next] == seq[end]) ++next;
-      if (next - begin > block.rows) break;
+      if (next - begin > rows) break;
       end = next;
     }
     chunks.emplace_back(begin, end);

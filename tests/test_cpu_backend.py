@@ -323,12 +323,9 @@ def test_thread_count_is_torchs():
     assert all(rel_err(params2[k].grad, params1[k].grad) < 1e-6 for k in params1)
 
 
-@needs_extension
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_workspace_bound_and_no_n_by_v_buffer(dtype):
-    """Peak RSS growth of one fused forward+backward in a fresh process stays within the stated workspace plus
-    the outputs, far below one N x V float32 buffer (float32: the seeded block; bfloat16: the two sweeps, dW
-    summed per vocabulary tile: no float32 [V, H] buffer either)."""
+def peak_rss_growth(dtype: str, length: int) -> dict:
+    """Peak RSS growth of one fused SPPO forward + backward (B = 2 sequences of ``length``, H = 64, V = 50000) in a
+    fresh process, with the stated workspace bound and the outputs' bytes."""
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("cannot reset the RSS high-water mark here")
     script = textwrap.dedent(
@@ -336,7 +333,7 @@ def test_workspace_bound_and_no_n_by_v_buffer(dtype):
         import json, torch, sppo_kernels as sk
         from sppo_kernels.autograd import fused_cpu
         torch.manual_seed(0)
-        B, T, H, V, dtype = 2, 256, 64, 50000, torch.{dtype}
+        B, T, H, V, dtype = 2, {length}, 64, 50000, torch.{dtype}
         hidden = torch.randn(B, T, H).to(dtype).requires_grad_(True)
         weight = (torch.randn(V, H) * 0.05).to(dtype).requires_grad_(True)
         labels = torch.randint(0, V, (B, T))
@@ -352,14 +349,30 @@ def test_workspace_bound_and_no_n_by_v_buffer(dtype):
         growth = (kib("VmHWM") - base) * 1024
         bound = fused_cpu.workspace_bytes(V, H, B * (T - 1), dtype, seeded=True)
         outputs = dtype.itemsize * (V * H + B * T * H)
-        print(json.dumps({{"growth": growth, "workspace": bound, "outputs": outputs}}))
+        print(json.dumps({{"growth": growth, "workspace": bound, "outputs": outputs, "n_by_v": 4 * B * (T - 1) * V}}))
         """
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
-    m = json.loads(out.stdout.strip().splitlines()[-1])
-    n_by_v = 4 * 2 * 255 * 50000
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_workspace_bound_and_no_n_by_v_buffer(dtype):
+    """Peak RSS growth stays within the stated workspace plus the outputs, far below one N x V float32 buffer
+    (float32: the seeded block; bfloat16: the two sweeps, dW summed per vocabulary tile: no float32 [V, H] buffer)."""
+    m = peak_rss_growth(dtype, 256)
     assert m["growth"] <= m["workspace"] + m["outputs"] + (12 << 20), m
-    assert m["growth"] < 0.7 * n_by_v, m
+    assert m["growth"] < 0.7 * m["n_by_v"], m
+
+
+@needs_extension
+def test_seeded_block_never_holds_all_logits():
+    """Regression: when every sequence fit the block, one chunk held all N x V float32 logits -- as much as a
+    materialising implementation holds at its peak (besides dW), which the backend must stay under. A chunk now
+    takes at most half the rows (here: one of two sequences)."""
+    m = peak_rss_growth("float32", 128)
+    assert m["growth"] - m["outputs"] < 0.75 * m["n_by_v"], m
 
 
 @needs_extension
