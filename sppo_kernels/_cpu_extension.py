@@ -28,16 +28,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "sppo_cpu.cpp"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCE = CSRC / "sppo_cpu.cpp"  # the translation unit; it includes the headers of CSRC
 AOT_MODULE = "sppo_kernels._cpu_ops"
 JIT_NAME = "sppo_kernels_cpu"
 CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
-LDFLAGS = ["-fopenmp"]
+LDFLAGS = ["-fopenmp", "-ldl"]
 
 
-def source_hash(path: Path = SOURCE) -> str:
-    """First 16 hex digits of the source's sha256; setup.py bakes the same value into its build."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def source_hash(folder: Path = CSRC) -> str:
+    """First 16 hex digits of the sha256 of the C++ sources (the .cpp and its headers, by name); setup.py bakes
+    the same value into its build."""
+    digest = hashlib.sha256()
+    for path in sorted([*folder.glob("*.cpp"), *folder.glob("*.h")]):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _ahead_of_time() -> ModuleType | None:

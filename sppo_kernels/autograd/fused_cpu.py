@@ -1,16 +1,18 @@
 """C++ CPU backend (``csrc/sppo_cpu.cpp``): the autograd Functions around the extension.
 
-- :class:`CpuSequenceLogprobs` (per-sequence log-probs): the forward keeps the per-row log-sum-exp, the backward
-  recomputes the logits tile by tile for any per-sequence upstream gradient (8NHV FLOPs). Workspace: a
-  [rows, cols] float32 tile per thread.
+- :class:`CpuSequenceLogprobs` (per-sequence log-probs): the forward keeps the per-row log-sum-exp; the backward
+  recomputes the logits for any per-sequence upstream gradient. Both sweep the vocabulary tile by tile over all
+  kept rows (8NHV FLOPs for forward + backward).
 - :class:`CpuSPPOLoss` (the fused SPPO loss path, ``CpuConfig.fused_sppo_loss``): the loss is separable per
-  sequence, so the forward also forms the gradient of the reduced loss from logits it still holds (6NHV FLOPs, no
-  recompute). Workspace: a block of whole sequences' logits, [rows, V] float32 (:class:`Tiling`); sequences too
-  long for it are recomputed as above. The backward hands out that gradient (scaled) when the upstream gradient
-  is a multiple of the one it was formed for, and otherwise recomputes, so any upstream gradient is exact.
+  sequence, so the forward also forms the gradient of the reduced loss. float32/float64 weights: chunks of whole
+  sequences keep their [rows, V] logits in a block until their seeds are known (6NHV, no recompute); longer
+  sequences, and every row of bfloat16/float16 weights (whose dW must be summed in float32 per vocabulary tile and
+  rounded once), take the two sweeps with the seeds known in between (8NHV). The backward hands the formed gradient
+  out (scaled) when the upstream gradient is a multiple of the one it was formed for, and otherwise recomputes.
 
-Masked rows (target -1) are dropped before any GEMM. Gradients accumulate in float32 (float64 for float64 inputs).
-Both backwards are first-order only (double backward raises).
+Masked rows (target -1) are dropped before any GEMM. Logits and all sums are float32 (float64 for float64 inputs);
+bfloat16 inputs run bf16 x bf16 -> float32 GEMMs. Both backwards are first-order only (double backward raises).
+See docs/cpu_backend.md.
 """
 
 from __future__ import annotations
@@ -28,16 +30,16 @@ from sppo_kernels.losses import SPPOObjective
 
 @dataclass(frozen=True)
 class Tiling:
-    """Tile sizes. The SPPO forward packs whole sequences into chunks of at most ``workspace_elements // V`` rows
-    and keeps their [rows, V] float32 logits (32 MiB by default: sequences of up to 262 rows at V = 32000, 32 rows
-    at V = 256000); longer sequences, the plain forward and the backward go in chunks of ``chunk_rows`` rows with
-    a [rows, cols] tile per thread. A tile has about ``tile_elements`` (1 MiB of float32), so it stays in cache
-    between its GEMM and its elementwise work, and at most ``max_tile_cols`` columns, which bounds the upcast
-    [cols, H] float32 weight tile that low-precision inputs need per thread."""
+    """Tile sizes. The seeded block (SPPO loss, float32/float64 weights) packs whole sequences into chunks of at most
+    ``workspace_elements // V`` rows and keeps their [rows, V] logits (64 MiB of float32 by default: sequences of up
+    to 524 rows at V = 32000, 65 at V = 256000); longer sequences, and the two vocabulary sweeps, cut the rows in
+    chunks of ``chunk_rows`` and give each thread a [rows, cols] logits tile. A tile has at most ``tile_elements``
+    elements (8 MiB of float32, a share of L3) and ``max_tile_cols`` columns: measured on 2 cores, tiles this large
+    beat L2-sized ones (MKL packs both operands on every call; larger tiles pay that less often)."""
 
-    workspace_elements: int = 1 << 23
-    chunk_rows: int = 256
-    tile_elements: int = 1 << 18
+    workspace_elements: int = 1 << 24
+    chunk_rows: int = 2048
+    tile_elements: int = 1 << 21
     max_tile_cols: int = 1024
 
     def block(self, vocab: int) -> tuple[int, int]:
@@ -53,30 +55,62 @@ class Tiling:
         return min(vocab, self.max_tile_cols, max(1, self.tile_elements // rows))
 
 
+BLAS_CHOICES = ("auto", "aten")
+LOW_PRECISION_GRAD_CHOICES = ("corrected", "split")
+
+
 @dataclass(frozen=True)
 class CpuConfig:
-    """Options of the ``"cpu"`` backend. ``poison`` NaN-fills every output buffer before the C++ writes it (tests
-    use it to catch unwritten elements); ``fused_sppo_loss`` forms the SPPO loss gradient in the forward."""
+    """Options of the ``"cpu"`` backend.
+
+    - ``poison`` NaN-fills every output buffer before the C++ writes it (tests use it to catch unwritten elements);
+    - ``fused_sppo_loss`` forms the SPPO loss gradient in the forward;
+    - ``blas``: ``"auto"`` runs the GEMMs in the MKL that torch's x86-64 builds carry (bf16 x bf16 -> float32 at
+      the CPU's bf16 rate, AMX where present), or ATen where torch has no MKL; ``"aten"`` always ATen (bf16 tiles
+      upcast to float32);
+    - ``low_precision_grad`` (bfloat16 inputs): how the float32 logit gradient da enters the bf16 gradient GEMMs.
+      ``"corrected"``: rounded to bf16, and the few entries that carry most of the gradient (|da| >= |g| / (64 tau):
+      at most 65 per row) corrected exactly on the side, so dH and dW stay within ~1% of the float32 path's error at
+      the cost of one bf16 GEMM each; ``"split"``: as two bf16 parts hi + lo (da to ~16 bits, twice the GEMMs).
+    """
 
     tiling: Tiling = Tiling()
     poison: bool = False
     fused_sppo_loss: bool = True
+    blas: str = "auto"
+    low_precision_grad: str = "corrected"
+
+    def __post_init__(self) -> None:
+        if self.blas not in BLAS_CHOICES:
+            raise ValueError(f"blas must be one of {BLAS_CHOICES}, got {self.blas!r}")
+        if self.low_precision_grad not in LOW_PRECISION_GRAD_CHOICES:
+            choices, got = LOW_PRECISION_GRAD_CHOICES, self.low_precision_grad
+            raise ValueError(f"low_precision_grad must be one of {choices}, got {got!r}")
 
 
-def workspace_bytes(vocab: int, width: int, dtype: torch.dtype, seeded: bool, tiling: Tiling = Tiling()) -> int:
-    """Upper bound on the scratch bytes the C++ allocates besides its outputs (log-probs, lse, dH) and the dW/db
-    accumulators, with ``torch.get_num_threads()`` threads and ``tiling``. seeded: the SPPO forward, which may
-    also run the recomputing passes (for sequences longer than its block); else the plain forward or backward."""
+def workspace_bytes(
+    vocab: int, width: int, rows: int, dtype: torch.dtype, seeded: bool, tiling: Tiling = Tiling(), split: bool = False
+) -> int:
+    """Upper bound on the scratch bytes the C++ allocates besides its outputs (log-probs, lse, dH, dW, db), for
+    ``rows`` kept rows, ``torch.get_num_threads()`` threads and ``tiling``. seeded: the SPPO forward with its
+    gradient, which for float32/float64 weights may use the seeded block and the two sweeps; else one sweep
+    (the plain forward or the recomputing backward). split: ``low_precision_grad="split"``."""
     threads = torch.get_num_threads()
     item = 8 if dtype == torch.float64 else 4
-    weight_tile = dtype not in (torch.float32, torch.float64)  # low-precision weight tiles are upcast
-
-    def pass_bytes(rows: int, cols: int, keep_logits: bool) -> int:
-        logits = -(-vocab // cols) * rows * cols if keep_logits else threads * rows * cols
-        return item * (logits + (1 + threads) * rows * width + (threads * cols * width if weight_tile else 0))
-
-    plain = pass_bytes(*tiling.chunk(vocab), keep_logits=False)
-    return max(plain, pass_bytes(*tiling.block(vocab), keep_logits=True)) if seeded else plain
+    operand = 2 if dtype == torch.bfloat16 else item  # float16 operands are upcast to float32
+    chunk_rows, cols = tiling.chunk(vocab)
+    tile_rows = min(chunk_rows, rows)
+    per_thread = item * (tile_rows * cols + rows * width)  # logits tile, dH partial
+    if dtype in (torch.bfloat16, torch.float16):
+        per_thread += 4 * cols * (width + 1)  # dW / db tile accumulators
+        per_thread += 4 * cols * width if dtype == torch.float16 else 2 * tile_rows * cols * (2 if split else 1)
+    sweeps = operand * rows * width + 2 * item * 32 * rows + threads * per_thread  # kept rows, forward parts
+    if not seeded or dtype in (torch.bfloat16, torch.float16):
+        return sweeps
+    block_rows, block_cols = tiling.block(vocab)
+    held = min(block_rows, rows)
+    block = item * (held * vocab + held * width + threads * held * width)  # logits, the chunk's rows, dH partials
+    return max(sweeps, block + 2 * item * held * (-(-vocab // block_cols)))
 
 
 @dataclass(frozen=True)
@@ -91,7 +125,7 @@ class _Rows:
     temperature: float
     block: tuple[int, int]
     chunk: tuple[int, int]
-    poison: bool
+    flags: tuple[str, bool, bool]  # blas, split the bf16 gradient, poison
 
     @staticmethod
     def of(targets: Tensor, seq_ids: Tensor, num_seqs: int, vocab: int, softcap: float | None, temperature: float,
@@ -100,14 +134,15 @@ class _Rows:
         cap = 0.0 if softcap is None else float(softcap)
         kept = (rows, targets.index_select(0, rows), seq_ids.index_select(0, rows))
         tiling = config.tiling
-        return _Rows(*kept, num_seqs, cap, float(temperature), tiling.block(vocab), tiling.chunk(vocab), config.poison)
+        flags = (config.blas, config.low_precision_grad == "split", config.poison)
+        return _Rows(*kept, num_seqs, cap, float(temperature), tiling.block(vocab), tiling.chunk(vocab), flags)
 
     def forward(self, hidden, weight, bias, seeds=None, needs=(False, False, False)) -> list:
         """[logps, lse, dh, dw, db]; gradients for seeds = (slope, offset), where ``needs`` asks for them."""
         slope, offset = (None, None) if seeds is None else seeds
         return extension().forward(
             hidden, weight, bias, self.rows, self.targets, self.seq, self.num_seqs, self.softcap, self.temperature,
-            slope, offset, needs[0], needs[1], needs[2] and bias is not None, *self.block, *self.chunk, self.poison,
+            slope, offset, needs[0], needs[1], needs[2] and bias is not None, *self.block, *self.chunk, *self.flags,
         )  # fmt: skip
 
     def backward(self, hidden, weight, bias, lse, grad_seq, needs) -> tuple:
@@ -115,7 +150,7 @@ class _Rows:
         return tuple(
             extension().backward(
                 hidden, weight, bias, self.rows, self.targets, self.seq, lse, grad_seq, self.softcap,
-                self.temperature, needs[0], needs[1], needs[2] and bias is not None, *self.chunk, self.poison,
+                self.temperature, needs[0], needs[1], needs[2] and bias is not None, *self.chunk, *self.flags,
             )
         )  # fmt: skip
 

@@ -42,7 +42,8 @@ def fused_loss_backward(
         return (None, None, None, *nones)
     scale = uniform_scale(grad_loss) if formed is not None and grad_logps is None else None
     if scale is not None:
-        return (*(g if g is None else g.mul_(scale.to(g.dtype)) for g in formed), *nones)
+        unit = scale.device.type == "cpu" and bool(scale == 1)  # no sync on the CPU: skip a pass over dW and dH
+        return (*(g if g is None or unit else g.mul_(scale.to(g.dtype)) for g in formed), *nones)
 
     def grad_seq(logps: Tensor) -> Tensor:
         total = torch.zeros_like(logps)
