@@ -325,7 +325,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda" if cuda else "cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     ap.add_argument("--providers", type=_csv(str), help=f"comma-separated subset of: {', '.join(PROVIDERS)}")
     ap.add_argument("--repeats", type=int, help="timed iterations (default: fit ~1 s per size, 3..25)")
-    ap.add_argument("--warmup", type=int, help="untimed iterations first (default: 1 on CPU, 3 on CUDA)")
+    ap.add_argument("--warmup", type=int, help="untimed iterations first (default: 2 on CPU, 3 on CUDA)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="directory for JSON, PNG, logs (%(default)s)")
     ap.add_argument(
         "--markdown", type=Path, nargs="?", const=RESULTS_MD, help="append a dated section (default: %(const)s)"
@@ -352,7 +352,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         dtype=args.dtype or ("bfloat16" if on_cuda else "float32"),
         device=args.device,
         providers=args.providers or None,
-        warmup=args.warmup if args.warmup is not None else (3 if on_cuda else 1),
+        warmup=args.warmup if args.warmup is not None else (3 if on_cuda else 2),
         repeats=args.repeats,
         seed=args.seed,
         isolate=not args.in_process,
