@@ -25,6 +25,7 @@ from pathlib import Path
 from sppo_kernels.pipeline.core import schema
 from sppo_kernels.pipeline.core.options import to_argv
 from sppo_kernels.pipeline.core.prompts import PromptOptions
+from sppo_kernels.pipeline.core.store import stage_summary
 from sppo_kernels.pipeline.demo.replica import DemoConfig, replica_options
 from sppo_kernels.pipeline.table import STAGES
 
@@ -43,9 +44,11 @@ def launch(processes: int, argv: list[str]) -> float:
     return time.perf_counter() - started
 
 
-def replay(demo: Path, out: Path, processes: int, most: int, prompts: int) -> dict[str, float]:
+def replay(demo: Path, out: Path, processes: int, most: int, prompts: int) -> dict[str, tuple[float, float]]:
     """One iteration on the first ``prompts`` of the demo's training prompts and an evaluation in ``out`` with
-    ``processes`` processes per stage (training micro-batches sized for ``most`` processes in every replay)."""
+    ``processes`` processes per stage (training micro-batches sized for ``most`` processes in every replay).
+    Returns, per stage, (wall seconds of the command, seconds of the stage itself from its marker: the work after
+    Python, torch and the launcher have started)."""
     run = demo / schema.DEMO_RUN
     eval_prompts = demo / schema.DEMO_DATA / "eval_prompts.jsonl"
     config = DemoConfig()
@@ -61,11 +64,12 @@ def replay(demo: Path, out: Path, processes: int, most: int, prompts: int) -> di
         inputs = {i.name: policy if i.artefact is None else str(i.artefact.path(folder)) for i in spec.inputs}
         if spec.name == schema.GENERATE_STAGE:
             inputs["prompts"] = str(demo / schema.DEMO_DATA / "train_prompts.jsonl")
-        seconds[spec.name] = launch(1 if spec.name == schema.TARGETS_STAGE else processes,
-                                    spec.argv(inputs, folder, options))  # fmt: skip
+        wall = launch(1 if spec.name == schema.TARGETS_STAGE else processes, spec.argv(inputs, folder, options))
+        seconds[spec.name] = wall, stage_summary(folder, spec.name)["seconds"]
     flags = [flag for group in ("generate", "rank", "evaluate") for flag in to_argv(getattr(options, group))]
     models = [policy, str(schema.iteration_dir(run, 1) / schema.MODEL_DIR)]  # the demo's: the same in every replay
-    seconds["eval"] = launch(processes, ["eval", "--models", *models, "--out", str(out / "eval"), *flags])
+    wall = launch(processes, ["eval", "--models", *models, "--out", str(out / "eval"), *flags])
+    seconds["eval"] = wall, stage_summary(out / "eval" / schema.EVAL_DIR, f"{schema.EVALUATE_STAGE}-pairrm")["seconds"]
     return seconds
 
 
@@ -88,10 +92,13 @@ def main() -> None:
     times = {
         n: replay(args.demo, args.out / f"{n}-processes", n, args.processes, args.prompts) for n in (1, args.processes)
     }
-    print(f"| stage | 1 process | {args.processes} processes | speed-up |\n|---|---|---|---|")
-    for stage, one in times[1].items():
-        many = times[args.processes][stage]
-        print(f"| {stage} | {one:.1f} s | {many:.1f} s | {one / many:.2f}x |")
+    n = args.processes
+    print(f"| stage | wall, 1 process | wall, {n} | speed-up | stage, 1 process | stage, {n} | speed-up |")
+    print("|---" * 7 + "|")
+    for stage, (wall_one, own_one) in times[1].items():
+        wall_many, own_many = times[n][stage]
+        print(f"| {stage} | {wall_one:.1f} s | {wall_many:.1f} s | {wall_one / wall_many:.2f}x | {own_one:.2f} s | "
+              f"{own_many:.2f} s | {own_one / own_many:.2f}x |")  # fmt: skip
     differ = same_bytes(args.out / "1-processes", args.out / f"{args.processes}-processes")
     print("artefacts: " + ("the same bytes" if not differ else f"DIFFER: {differ}"))
 
