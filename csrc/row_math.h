@@ -20,11 +20,9 @@
 namespace sppo {
 namespace {  // one translation unit includes this: internal linkage, so GCC can clone the entry points
 
-inline float exp_approx(float x) {
-  // exp(x) = 2^k exp(r), k = round(x / ln 2), |r| <= ln 2 / 2 (Cephes expf polynomial).
-  const float lo = -87.33654f, hi = 88.0f;
-  const float xc = std::min(std::max(x, lo), hi);
-  const float k = std::floor(xc * 1.44269504088896341f + 0.5f);
+// exp(xc) = 2^k exp(r) with k = round(xc / ln 2) given, r = xc - k ln 2 (|r| <= ln 2 / 2): the Cephes expf
+// polynomial for exp(r), scaled by 2^k through the exponent bits.
+inline float exp_reduced(float xc, float k) {
   const float r = (xc - k * 0.693359375f) + k * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -33,7 +31,15 @@ inline float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const float y = p * __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+}
+
+inline float exp_approx(float x) {
+  // exp(x) for any x: k = round(x / ln 2), clamped to float32's range (0 below, inf above).
+  const float lo = -87.33654f, hi = 88.0f;
+  const float xc = std::min(std::max(x, lo), hi);
+  const float k = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float y = exp_reduced(xc, k);
   const float clipped = x < lo ? 0.0f : (x > hi ? std::numeric_limits<float>::infinity() : y);
   return x != x ? x : clipped;
 }
@@ -45,15 +51,7 @@ inline float exp_nonpositive(float x) {
   const float xc = x < -87.33654f ? -87.33654f : x;  // keeps NaN
   const float shifter = 12582912.0f;                 // 1.5 * 2^23: adding it rounds to an integer
   const float k = (xc * 1.44269504088896341f + shifter) - shifter;
-  const float r = (xc - k * 0.693359375f) + k * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
+  return exp_reduced(xc, k);
 }
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
