@@ -59,9 +59,14 @@ def test_model_sppo_loss_under_autocast(arch: str, backend: str) -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_training_step_under_autocast(arch: str) -> None:
-    """An optimizer step on the autocast loss moves the weights exactly as the op-outside-autocast step."""
+    """Two optimizer steps on the autocast loss move the weights as the op-outside-autocast steps do.
+
+    The updates are compared like the gradients above: within a bf16 rounding step of the largest update, since
+    oneDNN's bf16 decoder kernels may round one way in one run and the other way in the next.
+    """
     model = tiny_causal_lm(arch, seed=1)
     twin = copy.deepcopy(model)
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
     batch = tiny_pair_batch(2, seed=7)
     ref = torch.full((4,), -30.0)
     for net, step in ((model, "inside"), (twin, "outside")):
@@ -76,5 +81,10 @@ def test_training_step_under_autocast(arch: str) -> None:
                 loss = _op_outside_autocast(net, batch, ref, "auto")[0]
             loss.backward()
             optimizer.step()
-    for (name, got), want in zip(model.named_parameters(), twin.parameters(), strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+    def updates(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {name: p.detach() - start[name] for name, p in net.named_parameters()}
+
+    assert_close_grads(updates(model), updates(twin), rtol=BF16_STEP)
+    if not model.config.tie_word_embeddings:  # the op's own head gradient is exact, so is the head's step
+        torch.testing.assert_close(model.lm_head.weight, twin.lm_head.weight, rtol=1e-5, atol=1e-6)
