@@ -1,7 +1,9 @@
 // Elementwise work of the "cpu" backend on one row segment z[0, len) of a logits tile, and bfloat16 rounding.
 //
 // float: exp and tanh as polynomials (<= 1.5 ulp) that the compiler vectorises; double: libm. NaN in gives NaN out.
-// The float entry points are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (GCC ifunc).
+// The float entry points are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time (GCC ifunc);
+// everything they call is forced inline (SPPO_INLINE), else GCC may emit one out-of-line baseline copy for all
+// three clones (it did for fold_row: the forward's log-sum-exp ran in SSE2, 10% of a bf16 fwd+bwd).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -13,8 +15,10 @@
 
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
 #define SPPO_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define SPPO_INLINE __attribute__((always_inline)) inline
 #else
 #define SPPO_CLONES
+#define SPPO_INLINE inline
 #endif
 
 namespace sppo {
@@ -22,7 +26,7 @@ namespace {  // one translation unit includes this: internal linkage, so GCC can
 
 // exp(xc) = 2^k exp(r) with k = round(xc / ln 2) given, r = xc - k ln 2 (|r| <= ln 2 / 2): the Cephes expf
 // polynomial for exp(r), scaled by 2^k through the exponent bits.
-inline float exp_reduced(float xc, float k) {
+SPPO_INLINE float exp_reduced(float xc, float k) {
   const float r = (xc - k * 0.693359375f) + k * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -34,7 +38,7 @@ inline float exp_reduced(float xc, float k) {
   return p * __builtin_bit_cast(float, (static_cast<int32_t>(k) + 127) << 23);
 }
 
-inline float exp_approx(float x) {
+SPPO_INLINE float exp_approx(float x) {
   // exp(x) for any x: k = round(x / ln 2), clamped to float32's range (0 below, inf above).
   const float lo = -87.33654f, hi = 88.0f;
   const float xc = std::min(std::max(x, lo), hi);
@@ -47,7 +51,7 @@ inline float exp_approx(float x) {
 // exp(x) for x <= 0 (the softmax terms exp(z - max) and exp(z - lse)): the Cephes polynomial of exp_approx with
 // the rounding of x / ln 2 by the 1.5 * 2^23 trick and no upper clamp; below -87.3 it returns ~1.2e-38 (not 0).
 // NaN in gives NaN out.
-inline float exp_nonpositive(float x) {
+SPPO_INLINE float exp_nonpositive(float x) {
   const float xc = x < -87.33654f ? -87.33654f : x;  // keeps NaN
   const float shifter = 12582912.0f;                 // 1.5 * 2^23: adding it rounds to an integer
   const float k = (xc * 1.44269504088896341f + shifter) - shifter;
@@ -55,7 +59,7 @@ inline float exp_nonpositive(float x) {
 }
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
-inline float tanh_approx(float x) {
+SPPO_INLINE float tanh_approx(float x) {
   // |x| < 0.625: odd polynomial (Cephes tanhf); else (1 - e) / (1 + e) with e = exp(-2|x|).
   const float a = std::fabs(x);
   const float z = x * x;
@@ -73,16 +77,16 @@ inline double exp_approx(double x) { return std::exp(x); }
 inline double tanh_approx(double x) { return std::tanh(x); }
 
 // Round to the nearest bfloat16 (ties to even); NaN stays NaN.
-inline uint16_t bf16_bits(float x) {
+SPPO_INLINE uint16_t bf16_bits(float x) {
   const uint32_t u = __builtin_bit_cast(uint32_t, x);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   return x != x ? uint16_t(0x7fc0) : static_cast<uint16_t>(rounded);
 }
-inline float bf16_value(uint16_t bits) { return __builtin_bit_cast(float, uint32_t(bits) << 16); }
+SPPO_INLINE float bf16_value(uint16_t bits) { return __builtin_bit_cast(float, uint32_t(bits) << 16); }
 
 // Raw a (+ bias) -> logits z = softcap(a) / temperature, in place.
 template <typename T>
-inline void transform_row(T* z, const T* bias, int64_t len, T softcap, T temperature) {
+SPPO_INLINE void transform_row(T* z, const T* bias, int64_t len, T softcap, T temperature) {
   if (bias != nullptr) {
     for (int64_t j = 0; j < len; ++j) z[j] += bias[j];
   }
@@ -95,18 +99,33 @@ inline void transform_row(T* z, const T* bias, int64_t len, T softcap, T tempera
   }
 }
 
+// max(x[0, n)) (-inf for n = 0; NaN entries are skipped). Kept in one 64-byte vector of lane maxima, each step
+// `x > acc ? x : acc`, which is one MAXPS: GCC vectorises this, and not std::max in an `omp simd` max reduction
+// (that ran as a scalar chain, 4 cycles per entry).
+template <typename T>
+SPPO_INLINE T max_of(const T* x, int64_t n) {
+  constexpr int64_t lanes = 64 / sizeof(T);
+  T acc[lanes];
+  std::fill(acc, acc + lanes, -std::numeric_limits<T>::infinity());
+  int64_t j = 0;
+  for (; j + lanes <= n; j += lanes) {
+    for (int64_t l = 0; l < lanes; ++l) acc[l] = x[j + l] > acc[l] ? x[j + l] : acc[l];
+  }
+  for (; j < n; ++j) acc[0] = x[j] > acc[0] ? x[j] : acc[0];
+  T best = acc[0];
+  for (int64_t l = 1; l < lanes; ++l) best = acc[l] > best ? acc[l] : best;
+  return best;
+}
+
 // Online log-sum-exp: fold z[0, len) into the row's running max m and sum s = sum exp(z - m), in blocks of 256 that
 // stay in L1 between their max and their sum (one pass over the tile in memory).
 template <typename T>
-inline void fold_row(const T* z, int64_t len, T& m, T& s) {
+SPPO_INLINE void fold_row(const T* z, int64_t len, T& m, T& s) {
   constexpr int64_t block = 256;
   for (int64_t j0 = 0; j0 < len; j0 += block) {
     const T* x = z + j0;
     const int64_t n = std::min(block, len - j0);
-    T block_max = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : block_max)
-    for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, x[j]);
-    const T new_max = std::max(m, block_max);
+    const T new_max = std::max(m, max_of(x, n));
     T sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < n; ++j) sum += exp_nonpositive(x[j] - new_max);
@@ -117,7 +136,7 @@ inline void fold_row(const T* z, int64_t len, T& m, T& s) {
 
 // Logits z -> da = g (onehot(y) - exp(z - lse)) dz/da, in place. y: the target's column in the segment, or -1.
 template <typename T>
-inline void grad_row(T* z, int64_t len, int64_t y, T lse, T g, T softcap, T temperature) {
+SPPO_INLINE void grad_row(T* z, int64_t len, int64_t y, T lse, T g, T softcap, T temperature) {
   const T zy = y >= 0 ? z[y] : T(0);
   const T scale = g / temperature;
   if (softcap > 0) {
@@ -135,7 +154,7 @@ inline void grad_row(T* z, int64_t len, int64_t y, T lse, T g, T softcap, T temp
 
 // da[0, len) -> hi + lo, both bfloat16: hi = bf16(da), lo = bf16(da - hi) (da to ~16 significant bits); lo may be
 // null (hi only: da rounded once).
-inline void split_row(const float* da, int64_t len, uint16_t* hi, uint16_t* lo) {
+SPPO_INLINE void split_row(const float* da, int64_t len, uint16_t* hi, uint16_t* lo) {
   for (int64_t j = 0; j < len; ++j) {
     const uint16_t h = bf16_bits(da[j]);
     hi[j] = h;

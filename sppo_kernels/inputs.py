@@ -189,7 +189,11 @@ def prepare(
 
 def _finite(x: Tensor, dim: int | None = None) -> Tensor:
     """Whether all of ``x`` (or each slice along ``dim``) is finite, from one min/max pass (NaN propagates into
-    both): several times cheaper than ``isfinite().all()``, which makes a bool tensor of x's size."""
+    both): several times cheaper than ``isfinite().all()``, which makes a bool tensor of x's size. On the CPU a
+    finite ``x`` skips the slice-wise pass (10x slower than the whole-tensor one for bf16 rows; the check costs a
+    host sync, which the GPU is spared)."""
+    if dim is not None and x.device.type == "cpu" and x.numel() > 0 and bool(_finite(x)):
+        return torch.ones(x.shape[:dim] + x.shape[dim:][1:], dtype=torch.bool)
     low, high = torch.aminmax(x) if dim is None else torch.aminmax(x, dim=dim)
     return low.isfinite() & high.isfinite()
 
